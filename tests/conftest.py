@@ -1,0 +1,35 @@
+"""Shared fixtures: the real COCO slice beside the checkout, and small synthetic trees."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+COCO_MINI = os.path.join(os.path.dirname(ROOT), "shared", "coco_mini")
+
+
+@pytest.fixture(scope="session")
+def coco_mini_dir():
+    if not os.path.isdir(os.path.join(COCO_MINI, "annotations")):
+        pytest.skip("../shared/coco_mini is not beside the checkout")
+    return COCO_MINI
+
+
+@pytest.fixture(scope="session")
+def synthetic_tree(tmp_path_factory):
+    """A small synthetic COCO tree (2014 names), made once per test session."""
+    from synthetic_coco import make_synthetic_coco
+    root = str(tmp_path_factory.mktemp("synthetic_coco"))
+    make_synthetic_coco(root, n_train=70, n_val=35, seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(synthetic_tree, tmp_path_factory):
+    """The dataset built from synthetic_tree with two worker processes."""
+    from Dataset import build_dataset
+    out = str(tmp_path_factory.mktemp("synthetic_data"))
+    summaries = build_dataset(synthetic_tree, out, year=2014, workers=2, progress=False)
+    return out, summaries
