@@ -332,15 +332,22 @@ def build_dataset(coco_dir, out_dir, year=2014, workers=1, jpeg_quality=95, prog
 # ---------------------------------------------------------------------------------
 # Figure 2: sample images
 # ---------------------------------------------------------------------------------
-def draw_box(img, box_xyxy, colour, text, thickness=2):
-    """Draw a box and its label on an RGB uint8 image in place (cv2, as the report)."""
+def draw_box(img, box_xyxy, colour, text, thickness=2, label_at="top"):
+    """Draw a box and its label on an RGB uint8 image in place (cv2, as the report).
+    The label sits on a filled tab of the box colour, above the box's top edge
+    (label_at="top") or below its bottom edge ("bottom"), moved inside when it would
+    leave the image."""
     x1, y1, x2, y2 = (int(round(v)) for v in box_xyxy)
     cv2.rectangle(img, (x1, y1), (x2, y2), colour, thickness)
     (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
-    # The label sits on a filled tab of the box colour, above the box when it fits.
-    top = y1 - th - base - 3 if y1 - th - base - 3 >= 0 else min(y1, img.shape[0] - th - base - 3)
+    tab_h = th + base + 3
+    if label_at == "top":
+        top = y1 - tab_h if y1 - tab_h >= 0 else y1
+    else:
+        top = y2 if y2 + tab_h <= img.shape[0] else y2 - tab_h
+    top = min(max(top, 0), img.shape[0] - tab_h)
     left = min(max(x1, 0), max(img.shape[1] - tw - 4, 0))
-    cv2.rectangle(img, (left, top), (left + tw + 4, top + th + base + 3), colour, -1)
+    cv2.rectangle(img, (left, top), (left + tw + 4, top + tab_h), colour, -1)
     cv2.putText(img, text, (left + 2, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
                 cv2.LINE_AA)
     return img

@@ -1,0 +1,239 @@
+"""Box decoding, the IoU metric, the CIoU loss, evaluation and the report's figures.
+
+Boxes are [x1, y1, x2, y2] normalised to (0, 1) throughout. Figures take saved results
+(confusion matrices, per-image predictions, histories), so they can be redrawn without
+running a model again.
+"""
+import json
+import os
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+from torchvision.ops import complete_box_iou_loss
+
+from Dataset import CLASS_NAMES, IMAGE_SIZE, draw_box
+
+GREEN, RED = (0, 255, 0), (255, 0, 0)  # RGB: ground truth, prediction
+
+
+# ---------------------------------------------------------------------------------
+# Boxes, metric and loss
+# ---------------------------------------------------------------------------------
+def order_boxes(b):
+    """Make each coordinate pair ordered: x1, x2 = min, max of the two; the same for y.
+    The box head is unconstrained and CIoU is defined only for x1 < x2, y1 < y2; fed raw
+    outputs, CIoU training drifts into inverted boxes. min/max are differentiable."""
+    x_a, y_a, x_b, y_b = b.unbind(-1)
+    return torch.stack([torch.minimum(x_a, x_b), torch.minimum(y_a, y_b),
+                        torch.maximum(x_a, x_b), torch.maximum(y_a, y_b)], dim=-1)
+
+
+def box_iou_per_image(pred, target):
+    """IoU of each predicted box with its ground truth, Tensor[N]. The prediction is
+    clipped to the image [0, 1]; an inverted box (x2 < x1 or y2 < y1) has zero area and
+    so IoU 0. Vectorised: no per-sample loop, no host sync."""
+    pred = pred.clamp(0.0, 1.0)
+    pw = (pred[:, 2] - pred[:, 0]).clamp(min=0)
+    ph = (pred[:, 3] - pred[:, 1]).clamp(min=0)
+    tw = (target[:, 2] - target[:, 0]).clamp(min=0)
+    th = (target[:, 3] - target[:, 1]).clamp(min=0)
+    iw = (torch.minimum(pred[:, 2], target[:, 2]) - torch.maximum(pred[:, 0], target[:, 0])).clamp(min=0)
+    ih = (torch.minimum(pred[:, 3], target[:, 3]) - torch.maximum(pred[:, 1], target[:, 1])).clamp(min=0)
+    inter = iw * ih
+    union = pw * ph + tw * th - inter
+    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(union))
+
+
+def inverted_fraction(pred):
+    """Fraction of boxes with x2 < x1 or y2 < y1 (0-dim tensor)."""
+    return ((pred[:, 2] < pred[:, 0]) | (pred[:, 3] < pred[:, 1])).float().mean()
+
+
+class CompleteIOULoss(nn.Module):
+    """torchvision's complete_box_iou_loss (differentiable), with the prediction's
+    coordinate pairs ordered first (order=False feeds it raw, as the report's code)."""
+
+    def __init__(self, reduction="mean", order=True):
+        super().__init__()
+        self.reduction = reduction
+        self.order = order
+
+    def forward(self, output, target):
+        if self.order:
+            output = order_boxes(output)
+        return complete_box_iou_loss(output, target, reduction=self.reduction)
+
+
+def confusion_matrix(labels, preds, n_classes=len(CLASS_NAMES)):
+    """[n, n] counts, rows true class, columns predicted class."""
+    idx = labels.to(torch.long) * n_classes + preds.to(torch.long)
+    return torch.bincount(idx, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+# ---------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------
+def evaluation(model, loader, criterion_cls, criterion_box, device, order=True):
+    """Run model over a whole split under torch.no_grad() in eval mode.
+
+    Returns (confusion matrix [3, 3], results) where results holds cross_entropy,
+    box_loss, accuracy, mean_iou and inverted_fraction (floats; each a mean over
+    images, not over batches) and predictions: per-image CPU tensors label, pred_label,
+    box, pred_box and iou. With order=True (the default, as training) the box head's
+    output goes through order_boxes before the box loss, the metric and the figures;
+    order=False passes the raw output, as the report's code did. inverted_fraction is
+    measured on the raw output. Both criteria must use reduction='mean' (each batch's
+    value is scaled back to a sum, so the last, short batch weighs what it holds).
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # ce, box loss, inverted
+    parts = {k: [] for k in ("label", "pred_label", "box", "pred_box", "iou")}
+    n = 0
+    with torch.no_grad():
+        for batch in loader:
+            images = batch["image"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            boxes = batch["bbox"].to(device, non_blocking=True)
+            logits, raw = model(images)
+            logits, raw = logits.float(), raw.float()
+            bs = labels.shape[0]
+            pred_box = order_boxes(raw) if order else raw
+            sums[0] += criterion_cls(logits, labels).double() * bs
+            sums[1] += criterion_box(pred_box, boxes).double() * bs
+            sums[2] += inverted_fraction(raw).double() * bs
+            parts["label"].append(labels)
+            parts["pred_label"].append(logits.argmax(1))
+            parts["box"].append(boxes)
+            parts["pred_box"].append(pred_box)
+            parts["iou"].append(box_iou_per_image(pred_box, boxes))
+            n += bs
+    model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluation: the loader yielded no images")
+    preds = {k: torch.cat(v).cpu() for k, v in parts.items()}  # one device->host copy
+    sums = (sums / n).cpu().tolist()
+    cm = confusion_matrix(preds["label"], preds["pred_label"])
+    results = {
+        "cross_entropy": sums[0],
+        "box_loss": sums[1],
+        "accuracy": float((preds["label"] == preds["pred_label"]).double().mean()),
+        "mean_iou": float(preds["iou"].double().mean()),
+        "inverted_fraction": sums[2],
+        "n_images": n,
+        "predictions": preds,
+    }
+    return cm, results
+
+
+# ---------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, out_path, dpi=100):
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = out_path + ".tmp.png"
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, out_path)
+
+
+def plot_cm(cm, out_path, loss_name, split, accuracy, mean_iou):
+    """Report Figs. 14 and 17: confusion-matrix heatmap with accuracy and mean IoU."""
+    import seaborn as sns
+    plt = _pyplot()
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(5.6, 4.8))
+    sns.heatmap(cm, annot=True, fmt="d", cmap="Blues", cbar=True, square=True, ax=ax,
+                xticklabels=CLASS_NAMES, yticklabels=CLASS_NAMES, annot_kws={"fontsize": 12})
+    ax.set_xlabel("Predicted label")
+    ax.set_ylabel("True label")
+    ax.set_title(f"HW5Net, {loss_name} loss, {split} data\n"
+                 f"accuracy {100 * accuracy:.1f}%, mean IoU {mean_iou:.3f}", fontsize=11)
+    fig.tight_layout()
+    _save(fig, out_path)
+    plt.close(fig)
+
+
+def select_per_class(labels, per_class=5, seed=0):
+    """Indices of up to per_class examples of each class, chosen with a fixed seed."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    chosen = []
+    for c in range(len(CLASS_NAMES)):
+        idx = np.flatnonzero(labels == c)
+        chosen.append(sorted(rng.choice(idx, size=min(per_class, len(idx)), replace=False).tolist()))
+    return chosen
+
+
+def display_preds(images, predictions, out_path, title, per_class=5, seed=0):
+    """Report Figs. 15, 16, 18, 19: a row per class of per_class images, ground truth in
+    green and prediction in red, each box labelled with its own class; the panel title
+    says whether the class was right and gives the IoU.
+
+    images: uint8 [N, 3, 256, 256] (e.g. MyCOCODataset.images); predictions: the
+    per-image tensors of evaluation()."""
+    plt = _pyplot()
+    rows = select_per_class(predictions["label"], per_class, seed)
+    fig, axes = plt.subplots(len(CLASS_NAMES), per_class,
+                             figsize=(2.7 * per_class, 3.0 * len(CLASS_NAMES)), squeeze=False)
+    for r, indices in enumerate(rows):
+        for c in range(per_class):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c >= len(indices):
+                continue
+            i = indices[c]
+            img = np.ascontiguousarray(images[i].permute(1, 2, 0).numpy())
+            true_label = int(predictions["label"][i])
+            pred_label = int(predictions["pred_label"][i])
+            draw_box(img, (predictions["box"][i] * IMAGE_SIZE).tolist(), GREEN, CLASS_NAMES[true_label])
+            draw_box(img, (predictions["pred_box"][i].clamp(0, 1) * IMAGE_SIZE).tolist(), RED,
+                     CLASS_NAMES[pred_label], label_at="bottom")
+            ax.imshow(img)
+            ax.set_title(f"{CLASS_NAMES[true_label]} {c + 1}\nClassification: "
+                         f"{true_label == pred_label}, IoU: {float(predictions['iou'][i]):.2f}",
+                         fontsize=9)
+    fig.suptitle(title, fontsize=12)
+    fig.tight_layout()
+    _save(fig, out_path)
+    plt.close(fig)
+
+
+def plot_history(history, out_path, loss_name=""):
+    """Report Fig. 20: cross-entropy, box loss, accuracy and mean IoU per epoch, train
+    and test. history = {"train": {metric: [per epoch]}, "test": {...}}."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+    metrics = (("cross_entropy", "cross-entropy"), ("box_loss", f"{loss_name} box loss".strip()),
+               ("accuracy", "accuracy"), ("mean_iou", "mean IoU"))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
+    for ax, (key, label) in zip(axes, metrics):
+        for split, style in (("train", "-o"), ("test", "-s")):
+            values = history.get(split, {}).get(key, [])
+            if values:
+                ax.plot(range(1, len(values) + 1), values, style, markersize=3, label=split)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Training curves{', ' + loss_name + ' model' if loss_name else ''}", fontsize=12)
+    fig.tight_layout()
+    _save(fig, out_path)
+    plt.close(fig)
+
+
+def write_json(obj, path):
+    """Write JSON under a temporary name, then rename (no half-written file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
