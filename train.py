@@ -1,0 +1,331 @@
+"""Train one HW5Net: cross-entropy for the class plus CIoU or MSE for the box (report 3.4).
+
+    python train.py --data_dir data/hw5 --out_dir runs/ciou --loss ciou
+    python train.py --data_dir data/hw5 --out_dir runs/ciou --loss ciou --resume   # after an interruption
+
+Defaults are the report's: Adam (lr 1e-3, betas 0.9/0.99), batch 16, 30 epochs, seed 0,
+two backward calls (the first with retain_graph=True), and after every epoch the best
+model kept by round(test accuracy, 3) + (1 - test box loss). OUT receives
+checkpoint.pt (after every epoch), best_model.pt (a state_dict), history.json.
+"""
+import argparse
+import logging
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from Dataset import DatasetError, MyCOCODataset
+from network import HW5Net
+from utils import CompleteIOULoss, box_iou_per_image, evaluation, order_boxes, write_json
+
+log = logging.getLogger("train")
+
+METRICS = ("cross_entropy", "box_loss", "accuracy", "mean_iou")
+
+
+class TrainingError(Exception):
+    """A run that cannot start or go on; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------
+# Set-up
+# ---------------------------------------------------------------------------------
+def pick_device(name="auto"):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def make_criteria(loss, raw_boxes=False):
+    """(class criterion, box criterion, loss name). With raw_boxes the box head's output
+    reaches the loss unordered, as in the report's code."""
+    if loss == "ciou":
+        return nn.CrossEntropyLoss(), CompleteIOULoss("mean", order=not raw_boxes), "CIoU"
+    if loss == "mse":
+        return nn.CrossEntropyLoss(), nn.MSELoss(), "MSE"
+    raise ValueError(f"loss must be 'ciou' or 'mse', not {loss!r}")
+
+
+def make_optimizer(model, args, device):
+    # Fused Adam on CUDA: one kernel for 211M parameters instead of a dozen per tensor.
+    fused = device.type == "cuda"
+    return torch.optim.Adam(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
+                            fused=fused or None)
+
+
+def loader(dataset, batch_size, shuffle, device, generator=None, workers=0):
+    # Images already sit decoded in memory; worker processes only pay off on a GPU box.
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                                       generator=generator, num_workers=workers,
+                                       pin_memory=device.type == "cuda",
+                                       persistent_workers=workers > 0)
+
+
+def split_train_val(files, fraction, seed):
+    """(train files, validation files): a seeded random fraction held out."""
+    if not 0 < fraction < 1:
+        raise TrainingError(f"--val_fraction must lie in (0, 1), not {fraction}")
+    perm = np.random.default_rng(seed).permutation(len(files))
+    n_val = max(1, int(round(fraction * len(files))))
+    val = sorted(files[i] for i in perm[:n_val])
+    train = sorted(files[i] for i in perm[n_val:])
+    return train, val
+
+
+# ---------------------------------------------------------------------------------
+# One epoch
+# ---------------------------------------------------------------------------------
+def train_one_epoch(model, data, optimizer, criterion_cls, criterion_box, device, epoch,
+                    order=True, single_backward=False, amp=False, progress=True, check_every=20):
+    """One pass over data. Returns the epoch's running means over images (model in train
+    mode, as the report logged them). Raises TrainingError on a non-finite loss."""
+    model.train()
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # ce, box, correct, iou
+    n = 0
+    bar = tqdm(data, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress)
+    for step, batch in enumerate(bar):
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        boxes = batch["bbox"].to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits, raw = model(images)
+        logits, raw = logits.float(), raw.float()
+        pred_box = order_boxes(raw) if order else raw
+        ce = criterion_cls(logits, labels)
+        box_loss = criterion_box(pred_box, boxes)
+        if single_backward:
+            (ce + box_loss).backward()  # same gradients, one pass back through the trunk
+        else:
+            ce.backward(retain_graph=True)  # report Fig. 12
+            box_loss.backward()
+        optimizer.step()
+        bs = labels.shape[0]
+        with torch.no_grad():
+            sums += torch.stack([ce.detach().double() * bs, box_loss.detach().double() * bs,
+                                 (logits.argmax(1) == labels).sum().double(),
+                                 box_iou_per_image(pred_box.detach(), boxes).sum().double()])
+        n += bs
+        # A host sync every check_every steps (not every step): finite check and the bar.
+        if (step + 1) % check_every == 0 or step + 1 == len(data):
+            means = (sums / n).tolist()
+            if not all(math.isfinite(v) for v in means[:2]):
+                raise TrainingError(f"non-finite loss in epoch {epoch} (cross-entropy {means[0]}, "
+                                    f"box loss {means[1]}); the last good checkpoint is kept")
+            bar.set_postfix(ce=f"{means[0]:.3f}", box=f"{means[1]:.3f}", acc=f"{means[2]:.3f}")
+    means = (sums / n).tolist()
+    return dict(zip(METRICS, means))
+
+
+# ---------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------
+def rng_state(loader_generator):
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "loader": loader_generator.get_state(),
+             "python": random.getstate(),
+             "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state, loader_generator):
+    torch.set_rng_state(state["torch"])
+    loader_generator.set_state(state["loader"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    s = state["numpy"]
+    np.random.set_state(("MT19937", s["key"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
+                         s["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device):
+    if not os.path.exists(path):
+        raise TrainingError(f"no checkpoint at {path}: nothing to resume (run without --resume "
+                            f"to start)")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which, not where in torch
+        raise TrainingError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+
+
+def load_model_state(model, state, path):
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise TrainingError(f"{path} holds weights of a different architecture than "
+                            f"{type(model).__name__} with these settings (width, n_blocks, "
+                            f"learnable_res must match the run that wrote it)") from None
+
+
+# ---------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------
+def train(model, train_set, test_set, out_dir, args, device, val_set=None, progress=True):
+    """Train model for args.epochs epochs, evaluating test_set (and val_set) after each.
+    Writes checkpoint.pt, best_model.pt and history.json into out_dir; with args.resume
+    continues from checkpoint.pt. Returns (model, history)."""
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    best_path = os.path.join(out_dir, "best_model.pt")
+    history_path = os.path.join(out_dir, "history.json")
+    if os.path.exists(ckpt_path) and not args.resume:
+        raise TrainingError(f"{out_dir} already holds a run (checkpoint.pt); pass --resume to "
+                            f"continue it, or choose another --out_dir")
+    seed_everything(args.seed)
+    model.to(device)
+    optimizer = make_optimizer(model, args, device)
+    criterion_cls, criterion_box, loss_name = make_criteria(args.loss, args.raw_boxes)
+    order = not args.raw_boxes
+    generator = torch.Generator().manual_seed(args.seed)
+    train_loader = loader(train_set, args.batch_size, True, device, generator, args.workers)
+    eval_loaders = {"test": loader(test_set, args.eval_batch_size, False, device)}
+    if val_set is not None:
+        eval_loaders["val"] = loader(val_set, args.eval_batch_size, False, device)
+    select_on = "val" if val_set is not None else "test"
+    history = {split: {m: [] for m in METRICS} for split in ["train", *eval_loaders]}
+    history.update(epoch_seconds=[], best_epoch=None, best_score=None, select_on=select_on,
+                   loss=loss_name)
+    start_epoch = 1
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path, device)
+        load_model_state(model, ckpt["model"], ckpt_path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        history = ckpt["history"]
+        set_rng_state(ckpt["rng"], generator)
+        start_epoch = ckpt["epoch"] + 1
+        log.info("resumed from %s after epoch %d", ckpt_path, ckpt["epoch"])
+    amp = args.amp and device.type == "cuda"
+    log.info("training HW5Net with %s on %s: %d train, %d %s images, epochs %d, batch %d",
+             loss_name, device, len(train_set), len(eval_loaders[select_on].dataset), select_on,
+             args.epochs, args.batch_size)
+    for epoch in range(start_epoch, args.epochs + 1):
+        t0 = time.perf_counter()
+        train_metrics = train_one_epoch(model, train_loader, optimizer, criterion_cls, criterion_box,
+                                        device, epoch, order, args.single_backward, amp, progress)
+        for m in METRICS:
+            history["train"][m].append(train_metrics[m])
+        for split, data in eval_loaders.items():
+            _, res = evaluation(model, data, criterion_cls, criterion_box, device, order=order)
+            for m in METRICS:
+                history[split][m].append(res[m])
+        history["epoch_seconds"].append(round(time.perf_counter() - t0, 3))
+        sel = {m: history[select_on][m][-1] for m in METRICS}
+        # The report's selection rule (Fig. 13).
+        score = round(sel["accuracy"], 3) + (1 - sel["box_loss"])
+        if history["best_score"] is None or score > history["best_score"]:
+            history["best_score"], history["best_epoch"] = score, epoch
+            save_atomic(model.state_dict(), best_path)
+        log.info("epoch %d/%d: train ce %.4f %s %.4f acc %.3f mIoU %.3f | %s ce %.4f %s %.4f "
+                 "acc %.3f mIoU %.3f | %.1fs%s", epoch, args.epochs, train_metrics["cross_entropy"],
+                 loss_name, train_metrics["box_loss"], train_metrics["accuracy"],
+                 train_metrics["mean_iou"], select_on, sel["cross_entropy"], loss_name,
+                 sel["box_loss"], sel["accuracy"], sel["mean_iou"], history["epoch_seconds"][-1],
+                 " (best)" if history["best_epoch"] == epoch else "")
+        write_json(history, history_path)
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "epoch": epoch, "history": history, "rng": rng_state(generator),
+                     "args": {k: v for k, v in vars(args).items()
+                              if isinstance(v, (int, float, str, bool, type(None)))}},
+                    ckpt_path)
+    return model, history
+
+
+def build_model(args):
+    return HW5Net(width=args.width, n_blocks=args.n_blocks, learnable_res=args.learnable_res)
+
+
+def load_datasets(args, progress=True):
+    """(train, test, val or None) MyCOCODatasets as the arguments ask."""
+    train_set = MyCOCODataset(args.data_dir, train=True, augment=args.augment, progress=progress)
+    val_set = None
+    if args.val_fraction:
+        train_files, val_files = split_train_val(train_set.files, args.val_fraction, args.seed)
+        val_set = MyCOCODataset(args.data_dir, train=True, files=val_files, progress=progress)
+        train_set = MyCOCODataset(args.data_dir, train=True, augment=args.augment,
+                                  files=train_files, progress=progress)
+    test_set = MyCOCODataset(args.data_dir, train=False, progress=progress)
+    return train_set, test_set, val_set
+
+
+def get_args_parser(add_help=True):
+    p = argparse.ArgumentParser(description="Train one HW5Net (report Section 3.4).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                add_help=add_help)
+    p.add_argument("--data_dir", required=add_help, help="dataset built by Dataset.py")
+    p.add_argument("--out_dir", required=add_help, help="where checkpoints, the best model and history go")
+    p.add_argument("--loss", choices=("ciou", "mse"), default="ciou", help="box loss")
+    p.add_argument("--epochs", "--epoch", type=int, default=30, help="epochs (report Section 4)")
+    p.add_argument("--batch_size", type=int, default=16, help="training batch size")
+    p.add_argument("--eval_batch_size", type=int, default=64, help="evaluation batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1")
+    p.add_argument("--beta2", type=float, default=0.99, help="Adam beta2")
+    p.add_argument("--seed", type=int, default=0, help="seed for random, numpy and torch")
+    p.add_argument("--width", type=int, default=8, help="HW5Net stem width")
+    p.add_argument("--n_blocks", type=int, default=5, help="residual blocks")
+    p.add_argument("--learnable_res", action="store_true", help="conv3x3-BN skips (the report tried and dropped them)")
+    p.add_argument("--augment", action="store_true", help="random horizontal flip that moves the box")
+    p.add_argument("--raw_boxes", action="store_true",
+                   help="feed the box head's raw output to the loss and metric, as the report's code "
+                        "(default: order each coordinate pair first)")
+    p.add_argument("--single_backward", action="store_true",
+                   help="one backward of the summed loss instead of the report's two (same gradients)")
+    p.add_argument("--val_fraction", type=float, default=0.0,
+                   help="select the best model on this held-out part of the training set instead "
+                        "of on the test set (0: the report's rule, on the test set)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out_dir from checkpoint.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(args):
+    device = pick_device(args.device)
+    train_set, test_set, val_set = load_datasets(args, progress=not args.quiet)
+    seed_everything(args.seed)  # the initial weights come from the seed too
+    model = build_model(args)
+    _, history = train(model, train_set, test_set, args.out_dir, args, device, val_set,
+                       progress=not args.quiet)
+    log.info("best epoch %s (score %.4f); outputs in %s", history["best_epoch"],
+             history["best_score"], args.out_dir)
+    return history
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        main(get_args_parser().parse_args())
+    except (TrainingError, DatasetError) as e:
+        log.error("%s", e)
+        sys.exit(2)
