@@ -15,6 +15,7 @@ as in COCO), train_data.pkl, test_data.pkl, inv_map.pkl and sample_images.png (F
 """
 import argparse
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -455,6 +456,25 @@ class MyCOCODataset(torch.utils.data.Dataset):
         if augment:
             from torchvision.transforms import v2
             self._flip = v2.RandomHorizontalFlip(p=0.5)
+
+    def subset(self, files, augment=False):
+        """A dataset of some of these files, sharing nothing to decode: the cached images
+        are indexed, not read again (used for a held-out validation split)."""
+        position = {f: i for i, f in enumerate(self.files)}
+        missing = [f for f in files if f not in position]
+        if missing:
+            raise DatasetError(f"{missing[0]} is not in {self.image_dir}.pkl")
+        index = torch.tensor([position[f] for f in files], dtype=torch.long)
+        part = copy.copy(self)
+        part.files = list(files)
+        part.images, part.labels, part.boxes = self.images[index], self.labels[index], self.boxes[index]
+        part.augment = augment
+        if not augment:
+            part._flip = None
+        elif self._flip is None:
+            from torchvision.transforms import v2
+            part._flip = v2.RandomHorizontalFlip(p=0.5)
+        return part
 
     def __len__(self):
         return len(self.files)

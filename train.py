@@ -268,10 +268,10 @@ def load_datasets(args, progress=True):
     train_set = MyCOCODataset(args.data_dir, train=True, augment=args.augment, progress=progress)
     val_set = None
     if args.val_fraction:
+        # One decode of the training images; both parts index its cache.
         train_files, val_files = split_train_val(train_set.files, args.val_fraction, args.seed)
-        val_set = MyCOCODataset(args.data_dir, train=True, files=val_files, progress=progress)
-        train_set = MyCOCODataset(args.data_dir, train=True, augment=args.augment,
-                                  files=train_files, progress=progress)
+        val_set = train_set.subset(val_files, augment=False)
+        train_set = train_set.subset(train_files, augment=args.augment)
     test_set = MyCOCODataset(args.data_dir, train=False, progress=progress)
     return train_set, test_set, val_set
 

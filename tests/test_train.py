@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import train
-from Dataset import build_dataset
+from Dataset import MyCOCODataset, build_dataset
 from network import HW5Net
 from train import TrainingError
 
@@ -167,3 +167,20 @@ def test_resume_after_kill_reproduces_the_uninterrupted_history(tiny_data, tmp_p
         got = comparable(json.load(f))
     assert len(got["train"]["accuracy"]) == 3
     assert got == expected
+
+
+def test_val_fraction_holds_out_part_of_the_training_set(tiny_data):
+    args = train.get_args_parser().parse_args(
+        ["--data_dir", tiny_data, "--out_dir", "unused", "--val_fraction", "0.25", "--augment"])
+    train_set, test_set, val_set = train.load_datasets(args, progress=False)
+    full = MyCOCODataset(tiny_data, train=True)
+    assert not set(train_set.files) & set(val_set.files)
+    assert sorted(train_set.files + val_set.files) == full.files
+    assert len(val_set) == round(0.25 * len(full))
+    assert train_set.augment and not val_set.augment and val_set._flip is None
+    for part in (train_set, val_set):
+        for i in (0, len(part) - 1):
+            j = full.files.index(part.files[i])
+            assert torch.equal(part.images[i], full.images[j])
+            assert torch.equal(part.boxes[i], full.boxes[j]) and part.labels[i] == full.labels[j]
+    assert test_set.files == MyCOCODataset(tiny_data, train=False).files
