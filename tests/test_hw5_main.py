@@ -1,0 +1,94 @@
+"""hw5_main.py: the two-model experiment writes every output; its options are checked."""
+import json
+import os
+
+import pytest
+import torch
+
+import hw5_main
+from train import TrainingError
+
+FIGURES = [f"{model}_{split}_{kind}.png" for model in ("ciou", "mse")
+           for split in ("train", "test") for kind in ("cm", "preds")] + ["ciou_curves.png",
+                                                                          "mse_curves.png"]
+
+
+def parse(*argv):
+    return hw5_main.resolve_args(hw5_main.get_args_parser().parse_args(list(argv)))
+
+
+def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
+    out = str(tmp_path / "demo")
+    results = hw5_main.main(parse("--demo", "--out_dir", out, "--n_train", "24", "--n_val", "12",
+                                  "--epochs", "1", "--batch_size", "4", "--quiet"))
+    # The demo made and built its data inside OUT.
+    assert os.path.exists(os.path.join(out, "synthetic_coco", "annotations", "instances_train2014.json"))
+    assert os.path.exists(os.path.join(out, "data", "sample_images.png"))
+    for name in FIGURES + ["model_sum.txt", "results.json", "results.md"]:
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    for model in ("ciou", "mse"):
+        for name in ("best_model.pt", "checkpoint.pt", "history.json"):
+            assert os.path.exists(os.path.join(out, model, name)), (model, name)
+    leftovers = [f for _, _, files in os.walk(out) for f in files if ".tmp" in f]
+    assert leftovers == []
+
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(results))
+    n_train, n_test = saved["settings"]["n_train"], saved["settings"]["n_test"]
+    for model in ("ciou", "mse"):
+        for split, n in (("train", n_train), ("test", n_test)):
+            r = saved[model][split]
+            assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["mean_iou"] <= 1.0
+            assert r["n_images"] == n and sum(map(sum, r["confusion_matrix"])) == n
+            # accuracy is the confusion matrix's trace over its total
+            trace = sum(r["confusion_matrix"][i][i] for i in range(3))
+            assert r["accuracy"] == pytest.approx(trace / n)
+        assert saved[model]["best_epoch"] == 1 and saved[model]["epochs_trained"] == 1
+    s = saved["settings"]
+    assert s["demo"] is True and s["epochs"] == 1 and s["device"] == "cpu"
+    assert s["backward"] == "single" and s["parameters"] == 211_083_307
+    assert 0.0 < saved["baseline"]["mean_box_test_iou"] < 1.0
+
+    with open(os.path.join(out, "results.md")) as f:
+        md = f.read()
+    ciou_test = saved["ciou"]["test"]
+    assert f"| CIoU | test | {100 * ciou_test['accuracy']:.1f}% | {ciou_test['mean_iou']:.3f} | 88.9% | 0.61 |" in md
+    assert "Mean-box baseline" in md and "synthetic data" in md
+
+    # The best CIoU model's weights give the recorded test accuracy.
+    from Dataset import MyCOCODataset
+    from network import HW5Net
+    model = HW5Net()
+    model.load_state_dict(torch.load(os.path.join(out, "ciou", "best_model.pt"), weights_only=True))
+    model.eval()
+    test_set = MyCOCODataset(os.path.join(out, "data"), train=False)
+    with torch.no_grad():
+        logits, _ = model(test_set.images.float() / 255)
+    assert (logits.argmax(1) == test_set.labels).double().mean().item() == pytest.approx(ciou_test["accuracy"])
+
+    # A second run into the same OUT is refused before any work.
+    with pytest.raises(TrainingError, match="already holds a run"):
+        hw5_main.main(parse("--demo", "--out_dir", out, "--n_train", "24", "--quiet"))
+
+
+def test_options_resolve_to_the_report_or_the_demo():
+    full = parse("--data_dir", "d", "--out_dir", "o")
+    assert full.epochs == 30 and full.single_backward is False and full.batch_size == 16
+    demo = parse("--demo", "--out_dir", "o")
+    assert demo.epochs == hw5_main.DEMO["epochs"] and demo.single_backward is True
+    assert demo.n_train == hw5_main.DEMO["n_train"]
+    assert parse("--demo", "--out_dir", "o", "--epochs", "2").epochs == 2
+    assert parse("--data_dir", "d", "--out_dir", "o", "--single_backward").single_backward is True
+    with pytest.raises(TrainingError, match="one of the two"):
+        parse("--out_dir", "o")
+    with pytest.raises(TrainingError, match="one of the two"):
+        parse("--demo", "--data_dir", "d", "--out_dir", "o")
+    with pytest.raises(TrainingError, match="--n_train applies to --demo only"):
+        parse("--data_dir", "d", "--out_dir", "o", "--n_train", "5")
+
+
+def test_mean_box_baseline():
+    train_boxes = torch.tensor([[0.0, 0.0, 0.4, 0.5], [0.0, 0.0, 0.6, 0.5]])  # mean [0, 0, .5, .5]
+    test_boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.5, 1.0]])
+    assert hw5_main.mean_box_baseline(train_boxes, test_boxes) == pytest.approx((1 + 0 + 0.5) / 3)
