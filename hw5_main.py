@@ -38,7 +38,7 @@ REPORT = {
 # The demo: a synthetic COCO tree small enough for about 12 minutes on 2 CPU cores
 # (a training step of HW5Net at batch 16 costs about 1.7 s there). Each option that
 # is left at its default on the command line takes the demo's value.
-DEMO = {"n_train": 400, "n_val": 160, "synthetic_seed": 0, "epochs": 7, "single_backward": True}
+DEMO = {"n_train": 720, "n_val": 200, "synthetic_seed": 0, "epochs": 8, "single_backward": True}
 DEFAULT_EPOCHS = 30
 
 
@@ -77,8 +77,11 @@ def run_model(key, loss_name, datasets, out_dir, args, device):
     """Train the `key` model into OUT/key, reload its best state and evaluate it.
     Returns (results per split, history, seconds of training)."""
     train_set, test_set, val_set = datasets
-    args.loss = key
     run_dir = os.path.join(out_dir, key)
+    # With --resume, a model that has a checkpoint continues (or, finished, is only
+    # evaluated); one that never started starts.
+    args = argparse.Namespace(**{**vars(args), "loss": key, "resume": args.resume and os.path.exists(
+        os.path.join(run_dir, "checkpoint.pt"))})
     seed_everything(args.seed)  # both models start from the same seeded weights
     model = build_model(args)
     t0 = time.perf_counter()

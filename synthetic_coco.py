@@ -228,7 +228,8 @@ def _objects_for_case(rng, case):
     if case == "single_plus_other_large":
         return [(int(rng.choice(OTHER_IDS)), "large", False), (main, "large", False)]
     if case == "single_plus_crowd":
-        return [(int(rng.choice(TARGET_IDS)), "large", True), (main, "large", False)]
+        # A crowd of the same class behind the object (a table of pizzas, a bus depot).
+        return [(main, "large", True), (main, "large", False)]
     if case == "two_dominant":
         return [(main, "large", False), (int(rng.choice(TARGET_IDS)), "large", False)]
     if case == "none":

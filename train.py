@@ -77,10 +77,10 @@ def make_optimizer(model, args, device):
         return torch.optim.Adam(params, **kwargs)
 
 
-def loader(dataset, batch_size, shuffle, device, generator=None, workers=0):
+def loader(dataset, batch_size, shuffle, device, generator=None, workers=0, drop_last=False):
     # Images already sit decoded in memory; worker processes only pay off on a GPU box.
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
-                                       generator=generator, num_workers=workers,
+                                       generator=generator, num_workers=workers, drop_last=drop_last,
                                        pin_memory=device.type == "cuda",
                                        persistent_workers=workers > 0)
 
@@ -211,7 +211,13 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
     criterion_cls, criterion_box, loss_name = make_criteria(args.loss, args.raw_boxes)
     order = not args.raw_boxes
     generator = torch.Generator().manual_seed(args.seed)
-    train_loader = loader(train_set, args.batch_size, True, device, generator, args.workers)
+    # BatchNorm1d cannot train on a batch of one image: a last batch of one is dropped.
+    lone_last = len(train_set) % args.batch_size == 1
+    if lone_last:
+        log.info("%d training images at batch %d: the last batch, of one image, is skipped "
+                 "each epoch (BatchNorm cannot train on one)", len(train_set), args.batch_size)
+    train_loader = loader(train_set, args.batch_size, True, device, generator, args.workers,
+                          drop_last=lone_last)
     eval_loaders = {"test": loader(test_set, args.eval_batch_size, False, device)}
     if val_set is not None:
         eval_loaders["val"] = loader(val_set, args.eval_batch_size, False, device)

@@ -1,6 +1,7 @@
 """hw5_main.py: the two-model experiment writes every output; its options are checked."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -70,6 +71,19 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
     # A second run into the same OUT is refused before any work.
     with pytest.raises(TrainingError, match="already holds a run"):
         hw5_main.main(parse("--demo", "--out_dir", out, "--n_train", "24", "--quiet"))
+
+    # Interrupted after the CIoU model: --resume evaluates the finished CIoU model without
+    # training it again, trains the MSE model from its start, and ends with the same results.
+    shutil.rmtree(os.path.join(out, "mse"))
+    os.remove(os.path.join(out, "results.json"))
+    ciou_ckpt_mtime = os.path.getmtime(os.path.join(out, "ciou", "checkpoint.pt"))
+    resumed = hw5_main.main(parse("--demo", "--out_dir", out, "--n_train", "24", "--n_val", "12",
+                                  "--epochs", "1", "--batch_size", "4", "--quiet", "--resume"))
+    assert os.path.getmtime(os.path.join(out, "ciou", "checkpoint.pt")) == ciou_ckpt_mtime
+    for model in ("ciou", "mse"):
+        for split in ("train", "test"):
+            for metric in ("accuracy", "mean_iou", "confusion_matrix"):
+                assert resumed[model][split][metric] == results[model][split][metric], (model, split, metric)
 
 
 def test_options_resolve_to_the_report_or_the_demo():

@@ -184,3 +184,11 @@ def test_val_fraction_holds_out_part_of_the_training_set(tiny_data):
             assert torch.equal(part.images[i], full.images[j])
             assert torch.equal(part.boxes[i], full.boxes[j]) and part.labels[i] == full.labels[j]
     assert test_set.files == MyCOCODataset(tiny_data, train=False).files
+
+
+def test_a_last_batch_of_one_image_is_skipped_not_a_crash(tiny_data, tmp_path):
+    # BatchNorm1d cannot train on one image; the report's loop would stop here.
+    n = len(MyCOCODataset(tiny_data, train=True))
+    history = train.main(args_for(tiny_data, str(tmp_path / "run"), "--epochs", "1",
+                                  "--batch_size", str(n - 1), "--loss", "mse"))
+    assert len(history["train"]["accuracy"]) == 1 and history["best_epoch"] == 1
