@@ -2,24 +2,24 @@
 the machine's limit for one training step, and peak memory.
 
     python benchmarks/bench_train.py                     # every section, synthetic data
-    python benchmarks/bench_train.py --sections train eval --repeats 5
+    python benchmarks/bench_train.py --sections train --repeats 5
 
 Both loops run the same HW5Net (same seed) on the same dataset, built by Dataset.py from
-a synthetic COCO tree, at batch 16 on the same device. Each throughput figure is the
-median over --repeats timed runs after one untimed warm-up run.
+a synthetic COCO tree, at batch 16 on the same device. Each loop is measured in a fresh
+process; each throughput figure is the median over --repeats timed runs after one
+untimed warm-up run.
 
 Sections:
-  train   images/s over whole training epochs, data loading included: the reference;
-          ours with the report's settings (two backward calls); ours with the fastest
-          options (--single_backward). Ours decodes the images once, before the first
-          epoch; that one-off cost is printed on its own.
+  train   images/s over whole training epochs, data loading included, and the peak
+          memory of the process (RSS; on a GPU also torch.cuda.max_memory_allocated):
+          the reference; ours with the report's settings (two backward calls); ours
+          with the fastest options (--single_backward). Ours decodes the images
+          once, before the first epoch; that one-off cost is printed on its own.
   eval    images/s of one evaluation pass over the test split.
   limit   FLOPs of one training step (counted by torch.utils.flop_counter) over the
           measured fp32 GEMM rate, plus the optimizer's memory traffic over the measured
           memory bandwidth: the step time this machine cannot beat. The achieved step
           time (fastest options) is reported as a fraction of it.
-  memory  peak memory of training at batch 16, each loop in a fresh process: RSS on the
-          CPU, torch.cuda.max_memory_allocated on a GPU.
 """
 import argparse
 import json
@@ -89,56 +89,95 @@ def new_model(device, seed=0):
 
 
 # ---------------------------------------------------------------------------------
-# Sections
+# Measurements, each run in a fresh process (see run_child)
 # ---------------------------------------------------------------------------------
-def bench_train(data_dir, device, repeats, amp):
-    train_dict, test_dict, inv_map = load_dicts(data_dir)
-    results = {}
+def peak_rss_bytes():
+    """This process's peak resident memory (VmHWM; ru_maxrss would carry the parent's
+    peak over fork and exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024
 
-    ref_loader, _ = reference.make_loaders(train_dict, test_dict, inv_map, data_dir)
-    model = new_model(device)
-    opt = reference.make_optimizer(model)
-    ce, ciou = torch.nn.CrossEntropyLoss(), reference.CompleteIOULoss("mean")
-    n = len(ref_loader.dataset)
-    med, times = timed(lambda: reference.train_epoch(model, ref_loader, opt, ce, ciou, device),
-                       device, repeats)
-    results["reference"] = {"epoch_s": med, "images_per_s": n / med, "runs_s": times,
-                            "steps": len(ref_loader)}
-    del model, opt
 
-    t0 = time.perf_counter()
-    train_set = MyCOCODataset(data_dir, train=True)
-    results["decode_once_s"] = time.perf_counter() - t0
-    args = train_args(False).parse_args([])
-    for name, single in (("ours (report settings)", False), ("ours (--single_backward)", True)):
+def child_train(kind, data_dir, device, repeats, amp):
+    """Time whole training epochs of one loop: kind is reference, ours or single."""
+    out = {}
+    if kind == "reference":
+        train_dict, test_dict, inv_map = load_dicts(data_dir)
+        data, _ = reference.make_loaders(train_dict, test_dict, inv_map, data_dir)
         model = new_model(device)
-        opt = make_optimizer(model, args, device)
+        opt = reference.make_optimizer(model)
+        ce, ciou = torch.nn.CrossEntropyLoss(), reference.CompleteIOULoss("mean")
+        run = lambda: reference.train_epoch(model, data, opt, ce, ciou, device)  # noqa: E731
+    else:
+        t0 = time.perf_counter()
+        train_set = MyCOCODataset(data_dir, train=True)
+        out["decode_once_s"] = time.perf_counter() - t0
+        model = new_model(device)
+        opt = make_optimizer(model, train_args(False).parse_args([]), device)
         cls, box, _ = make_criteria("ciou")
         data = loader(train_set, 16, True, device, torch.Generator().manual_seed(0))
-        med, times = timed(lambda: train_one_epoch(model, data, opt, cls, box, device, 0,
-                                                   single_backward=single, amp=amp, progress=False),
-                           device, repeats)
-        results[name] = {"epoch_s": med, "images_per_s": len(train_set) / med, "runs_s": times,
-                         "steps": len(data), "speedup": results["reference"]["epoch_s"] / med}
-        del model, opt
+        run = lambda: train_one_epoch(model, data, opt, cls, box, device, 0,  # noqa: E731
+                                      single_backward=kind == "single", amp=amp, progress=False)
+    med, times = timed(run, device, repeats)
+    n = len(data.dataset)
+    out.update(epoch_s=med, images_per_s=n / med, runs_s=times, steps=len(data), images=n,
+               peak_rss_bytes=peak_rss_bytes(),
+               cuda_max_allocated_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else None)
+    return out
+
+
+def child_eval(kind, data_dir, device, repeats):
+    """Time one evaluation pass over the test split: the report's evaluation() at batch
+    16, or ours at batch 64."""
+    model = new_model(device)
+    if kind == "reference":
+        train_dict, test_dict, inv_map = load_dicts(data_dir)
+        _, data = reference.make_loaders(train_dict, test_dict, inv_map, data_dir)
+        ce, ciou = torch.nn.CrossEntropyLoss(), reference.CompleteIOULoss("mean")
+        run = lambda: reference.evaluation(model, data, ce, ciou, device)  # noqa: E731
+    else:
+        data = loader(MyCOCODataset(data_dir, train=False), 64, False, device)
+        cls, box, _ = make_criteria("ciou")
+        run = lambda: evaluation(model, data, cls, box, device)  # noqa: E731
+    med, times = timed(run, device, repeats)
+    return {"seconds": med, "images_per_s": len(data.dataset) / med, "runs_s": times}
+
+
+def run_child(what, data_dir, args):
+    """Run one measurement (what = 'train:ours', 'eval:reference', ...) in a fresh
+    process, so that each starts from the same memory state, and return its figures."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--data_dir", data_dir,
+           "--repeats", str(args.repeats), "--device", args.device] + (["--amp"] if args.amp else [])
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+TRAIN_RUNS = (("reference", "train:reference"),
+              ("ours (report settings)", "train:ours"),
+              ("ours (--single_backward)", "train:single"))
+
+
+def bench_train(data_dir, args):
+    results = {}
+    for name, what in TRAIN_RUNS:
+        results[name] = run_child(what, data_dir, args)
+        if name != "reference":
+            results[name]["speedup"] = results["reference"]["epoch_s"] / results[name]["epoch_s"]
     return results
 
 
-def bench_eval(data_dir, device, repeats):
-    train_dict, test_dict, inv_map = load_dicts(data_dir)
-    _, ref_loader = reference.make_loaders(train_dict, test_dict, inv_map, data_dir)
-    model = new_model(device)
-    ce, ciou = torch.nn.CrossEntropyLoss(), reference.CompleteIOULoss("mean")
-    n = len(ref_loader.dataset)
-    med, times = timed(lambda: reference.evaluation(model, ref_loader, ce, ciou, device), device, repeats)
-    results = {"reference": {"seconds": med, "images_per_s": n / med, "runs_s": times}}
-    test_set = MyCOCODataset(data_dir, train=False)
-    cls, box, _ = make_criteria("ciou")
-    for bs in (64,):
-        data = loader(test_set, bs, False, device)
-        med, times = timed(lambda: evaluation(model, data, cls, box, device), device, repeats)
-        results[f"ours (batch {bs})"] = {"seconds": med, "images_per_s": n / med, "runs_s": times,
-                                         "speedup": results["reference"]["seconds"] / med}
+def bench_eval(data_dir, args):
+    results = {"reference": run_child("eval:reference", data_dir, args)}
+    results["ours (batch 64)"] = run_child("eval:ours", data_dir, args)
+    results["ours (batch 64)"]["speedup"] = (results["reference"]["seconds"]
+                                             / results["ours (batch 64)"]["seconds"])
     return results
 
 
@@ -191,46 +230,6 @@ def bench_limit(device, train_results):
     return out
 
 
-MEMORY_CHILD = r"""
-import json, os, resource, sys, torch
-sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
-import bench_train as b
-device = torch.device({device!r})
-kind, data_dir, steps = {kind!r}, {data_dir!r}, {steps}
-model = b.new_model(device)
-if kind == "reference":
-    import reference
-    tr, te, inv = b.load_dicts(data_dir)
-    loader, _ = reference.make_loaders(tr, te, inv, data_dir)
-    opt = reference.make_optimizer(model)
-    ce, ciou = torch.nn.CrossEntropyLoss(), reference.CompleteIOULoss("mean")
-    loader = [x for _, x in zip(range(steps), loader)]
-    reference.train_epoch(model, loader, opt, ce, ciou, device)
-else:
-    from Dataset import MyCOCODataset
-    ds = MyCOCODataset(data_dir, train=True)
-    args = b.train_args(False).parse_args([])
-    opt = b.make_optimizer(model, args, device)
-    cls, box, _ = b.make_criteria("ciou")
-    data = [x for _, x in zip(range(steps), b.loader(ds, 16, True, device, torch.Generator().manual_seed(0)))]
-    b.train_one_epoch(model, data, opt, cls, box, device, 0, single_backward=kind == "single", progress=False)
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-cuda = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-print(json.dumps({{"peak_rss_bytes": rss, "cuda_max_allocated_bytes": cuda}}))
-"""
-
-
-def bench_memory(data_dir, device, steps=3):
-    out = {}
-    for kind, name in (("reference", "reference"), ("ours", "ours (report settings)"),
-                       ("single", "ours (--single_backward)")):
-        code = MEMORY_CHILD.format(root=ROOT, bench=os.path.dirname(os.path.abspath(__file__)),
-                                   device=str(device), kind=kind, data_dir=data_dir, steps=steps)
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        out[name] = json.loads(res.stdout.strip().splitlines()[-1])
-    return out
-
-
 # ---------------------------------------------------------------------------------
 # Printing
 # ---------------------------------------------------------------------------------
@@ -239,22 +238,24 @@ def print_results(res):
     if "train" in res:
         t = res["train"]
         print(f"\ntraining, batch 16, one epoch of {t['reference']['steps']} steps "
-              f"(median of {res['repeats']} after a warm-up):")
-        for name in ("reference", "ours (report settings)", "ours (--single_backward)"):
-            r = t[name]
+              f"({t['reference']['images']} images; median of {res['repeats']} after a warm-up):")
+        for name, r in t.items():
             extra = f"  {r['speedup']:.2f}x the reference" if "speedup" in r else ""
-            print(f"  {name:28s} {r['epoch_s']:7.2f} s/epoch {r['images_per_s']:7.1f} images/s "
-                  f"{r['epoch_s'] / r['steps']:.3f} s/step{extra}")
+            cuda = (f", CUDA {r['cuda_max_allocated_bytes'] / gb:.2f} GB"
+                    if r.get("cuda_max_allocated_bytes") else "")
+            print(f"  {name:38s} {r['epoch_s']:7.2f} s/epoch {r['images_per_s']:6.1f} images/s "
+                  f"{r['epoch_s'] / r['steps']:.3f} s/step  peak RSS {r['peak_rss_bytes'] / gb:.2f} GB"
+                  f"{cuda}{extra}")
         print(f"  ours: decoding the training images once, before the first epoch: "
-              f"{t['decode_once_s']:.2f} s")
+              f"{t['ours (report settings)']['decode_once_s']:.2f} s")
     if "eval" in res:
-        print(f"\nevaluation over the test split:")
+        print("\nevaluation over the test split:")
         for name, r in res["eval"].items():
             extra = f"  {r['speedup']:.2f}x the reference" if "speedup" in r else ""
-            print(f"  {name:28s} {r['seconds']:7.2f} s {r['images_per_s']:7.1f} images/s{extra}")
+            print(f"  {name:38s} {r['seconds']:7.2f} s {r['images_per_s']:7.1f} images/s{extra}")
     if "limit" in res:
         lim = res["limit"]
-        print(f"\nlimit of one training step (batch 16):")
+        print("\nlimit of one training step (batch 16):")
         print(f"  FLOPs {lim['step_flops'] / 1e9:.1f} G at {lim['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s "
               f"(fp32 GEMM, measured) = {lim['compute_s']:.3f} s")
         print(f"  Adam traffic {lim['adam_bytes'] / gb:.2f} GB at {lim['bandwidth_bytes_per_s'] / gb:.1f} GB/s "
@@ -265,19 +266,13 @@ def print_results(res):
                   f"{100 * lim['fraction_of_limit']:.0f}% of the limit")
         else:
             print()
-    if "memory" in res:
-        print(f"\npeak memory, training at batch 16 (fresh process each):")
-        for name, r in res["memory"].items():
-            cuda = (f", CUDA max allocated {r['cuda_max_allocated_bytes'] / gb:.2f} GB"
-                    if r["cuda_max_allocated_bytes"] else "")
-            print(f"  {name:28s} RSS {r['peak_rss_bytes'] / gb:.2f} GB{cuda}")
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sections", nargs="+", default=["train", "eval", "limit", "memory"],
-                   choices=["train", "eval", "limit", "memory"], help="what to measure")
+    p.add_argument("--sections", nargs="+", default=["train", "eval", "limit"],
+                   choices=["train", "eval", "limit"], help="what to measure")
     p.add_argument("--data_dir", help="a dataset built by Dataset.py (default: a synthetic one, "
                                       "made in a temporary folder)")
     p.add_argument("--n_train", type=int, default=200, help="synthetic train images (before the filter)")
@@ -286,11 +281,20 @@ def get_args_parser():
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast for ours (CUDA)")
     p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # one measurement, in a fresh process
     return p
 
 
 def main(args):
     device = pick_device(args.device)
+    if args.child:
+        section, kind = args.child.split(":")
+        if section == "train":
+            out = child_train(kind, args.data_dir, device, args.repeats, args.amp and device.type == "cuda")
+        else:
+            out = child_eval(kind, args.data_dir, device, args.repeats)
+        print(json.dumps(out))
+        return out
     tmp = None
     data_dir = args.data_dir
     if data_dir is None:
@@ -300,13 +304,11 @@ def main(args):
            "machine": platform.processor() or platform.machine(), "repeats": args.repeats,
            "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv)}
     if "train" in args.sections:
-        res["train"] = bench_train(data_dir, device, args.repeats, args.amp and device.type == "cuda")
+        res["train"] = bench_train(data_dir, args)
     if "eval" in args.sections:
-        res["eval"] = bench_eval(data_dir, device, args.repeats)
+        res["eval"] = bench_eval(data_dir, args)
     if "limit" in args.sections:
         res["limit"] = bench_limit(device, res.get("train"))
-    if "memory" in args.sections:
-        res["memory"] = bench_memory(data_dir, device)
     print(f"device {res['device']}, torch {res['torch']}, {res['threads']} threads, {res['date']}")
     print_results(res)
     print(f"\nrepeat with: {res['command']}")
