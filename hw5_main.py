@@ -215,11 +215,11 @@ def main(args):
             if os.path.exists(os.path.join(out_dir, key, "checkpoint.pt")):
                 raise TrainingError(f"{out_dir} already holds a run ({key}/checkpoint.pt); pass "
                                     f"--resume to continue it, or choose another --out_dir")
-    os.makedirs(out_dir, exist_ok=True)
     device = pick_device(args.device)
     args.data_dir = prepare_demo_data(out_dir, args) if args.demo else args.data_dir
-    datasets = load_datasets(args, progress=not args.quiet)
+    datasets = load_datasets(args, progress=not args.quiet)  # bad data stops before OUT is made
     train_set, test_set, val_set = datasets
+    os.makedirs(out_dir, exist_ok=True)
 
     seed_everything(args.seed)
     net = build_model(args)
