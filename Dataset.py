@@ -464,10 +464,11 @@ class MyCOCODataset(torch.utils.data.Dataset):
         missing = [f for f in files if f not in position]
         if missing:
             raise DatasetError(f"{missing[0]} is not in {self.image_dir}.pkl")
-        index = torch.tensor([position[f] for f in files], dtype=torch.long)
         part = copy.copy(self)
         part.files = list(files)
-        part.images, part.labels, part.boxes = self.images[index], self.labels[index], self.boxes[index]
+        if part.files != self.files:  # the same files in the same order share the cache
+            index = torch.tensor([position[f] for f in files], dtype=torch.long)
+            part.images, part.labels, part.boxes = self.images[index], self.labels[index], self.boxes[index]
         part.augment = augment
         if not augment:
             part._flip = None

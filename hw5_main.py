@@ -23,7 +23,7 @@ from network import count_parameters, model_summary
 from train import (TrainingError, add_training_args, build_model, load_datasets, load_model_state,
                    loader, make_criteria, pick_device, seed_everything, train)
 from utils import (box_iou_per_image, display_preds, evaluation, plot_cm, plot_history,
-                   write_json)
+                   write_json, write_text)
 
 log = logging.getLogger("hw5_main")
 
@@ -88,7 +88,7 @@ def run_model(key, loss_name, datasets, out_dir, args, device):
                            progress=not args.quiet)
     best_path = os.path.join(run_dir, "best_model.pt")
     load_model_state(model, torch.load(best_path, map_location=device, weights_only=True), best_path)
-    criterion_cls, criterion_box, _ = make_criteria(key, args.raw_boxes)
+    criterion_cls, criterion_box, _ = make_criteria(key)
     splits = {"train": train_set.subset(train_set.files, augment=False), "test": test_set}
     if val_set is not None:
         splits["val"] = val_set
@@ -143,13 +143,6 @@ def results_markdown(results):
               "wall_seconds"):
         lines.append(f"- {k}: {s[k]}")
     return "\n".join(lines) + "\n"
-
-
-def write_text(text, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------
@@ -223,9 +216,8 @@ def main(args):
 
     seed_everything(args.seed)
     net = build_model(args)
-    _, hierarchical = model_summary(net)
+    write_text(model_summary(net), os.path.join(out_dir, "model_sum.txt"))
     n_layers, n_params = count_parameters(net)
-    write_text(hierarchical, os.path.join(out_dir, "model_sum.txt"))
     del net
 
     results = {"baseline": {"mean_box_test_iou": mean_box_baseline(train_set.boxes, test_set.boxes)}}

@@ -6,11 +6,12 @@ writes the layer table and the hierarchical summary of report Fig. 5 and prints 
 number of learnable layers (88) and of parameters (211,083,307).
 """
 import argparse
-import os
 
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from utils import write_text
 
 
 class Block(nn.Module):
@@ -76,18 +77,17 @@ class HW5Net(nn.Module):
 
 
 def model_summary(net, image_size=256):
-    """(layer table, layer table followed by the hierarchical summary) as
-    pytorch-model-summary prints them for a 1x3xSxS input (report Fig. 5 and the table
-    before it). The net is put in eval mode: BatchNorm1d cannot train on a batch of one."""
+    """The layer table followed by the hierarchical summary, as pytorch-model-summary
+    prints them for a 1x3xSxS input (the report's table and Fig. 5). The net is put in
+    eval mode for it: BatchNorm1d cannot train on a batch of one."""
     from pytorch_model_summary import summary
     was_training = net.training
     net.eval()
     x = torch.zeros(1, 3, image_size, image_size, device=next(net.parameters()).device)
     with torch.no_grad():
-        table = summary(net, x, show_input=False, show_hierarchical=False)
-        hierarchical = summary(net, x, show_input=False, show_hierarchical=True)
+        text = summary(net, x, show_input=False, show_hierarchical=True)
     net.train(was_training)
-    return table, hierarchical
+    return text
 
 
 def count_parameters(net):
@@ -108,13 +108,8 @@ def get_args_parser():
 
 def main(args):
     net = HW5Net(width=args.width, n_blocks=args.n_blocks, learnable_res=args.learnable_res)
-    table, hierarchical = model_summary(net)
+    write_text(model_summary(net), args.out)
     n_layers, n_params = count_parameters(net)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(hierarchical)  # the layer table, then the hierarchy
-    os.replace(tmp, args.out)
     print(f"learnable layers (parameter tensors): {n_layers}")
     print(f"total parameters: {n_params:,}")
     print(f"summary written to {args.out}")

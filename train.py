@@ -55,11 +55,12 @@ def seed_everything(seed):
     torch.backends.cudnn.benchmark = False
 
 
-def make_criteria(loss, raw_boxes=False):
-    """(class criterion, box criterion, loss name). With raw_boxes the box head's output
-    reaches the loss unordered, as in the report's code."""
+def make_criteria(loss):
+    """(class criterion, box criterion, loss name). The box criterion takes the boxes as
+    given: train_one_epoch and evaluation order the head's output first (unless
+    --raw_boxes), once, for either loss."""
     if loss == "ciou":
-        return nn.CrossEntropyLoss(), CompleteIOULoss("mean", order=not raw_boxes), "CIoU"
+        return nn.CrossEntropyLoss(), CompleteIOULoss("mean", order=False), "CIoU"
     if loss == "mse":
         return nn.CrossEntropyLoss(), nn.MSELoss(), "MSE"
     raise ValueError(f"loss must be 'ciou' or 'mse', not {loss!r}")
@@ -208,7 +209,7 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
     seed_everything(args.seed)
     model.to(device)
     optimizer = make_optimizer(model, args, device)
-    criterion_cls, criterion_box, loss_name = make_criteria(args.loss, args.raw_boxes)
+    criterion_cls, criterion_box, loss_name = make_criteria(args.loss)
     order = not args.raw_boxes
     generator = torch.Generator().manual_seed(args.seed)
     # BatchNorm1d cannot train on a batch of one image: a last batch of one is dropped.

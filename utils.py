@@ -7,7 +7,6 @@ running a model again.
 import json
 import os
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -235,9 +234,14 @@ def plot_history(history, out_path, loss_name=""):
     plt.close(fig)
 
 
-def write_json(obj, path):
-    """Write JSON under a temporary name, then rename (no half-written file)."""
+def write_text(text, path):
+    """Write text under a temporary name, then rename (no half-written file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(obj, path):
+    write_text(json.dumps(obj, indent=2), path)

@@ -43,9 +43,8 @@ from Dataset import MyCOCODataset, build_dataset  # noqa: E402
 from network import HW5Net  # noqa: E402
 from train import get_args_parser as train_args, loader, make_criteria, make_optimizer  # noqa: E402
 from train import pick_device, seed_everything, train_one_epoch  # noqa: E402
-from utils import evaluation  # noqa: E402
+from utils import evaluation, order_boxes  # noqa: E402
 
-log = logging.getLogger("bench_train")
 
 
 def sync(device):
@@ -198,6 +197,7 @@ def memory_bandwidth(device, mbytes=512, repeats=10):
 
 
 def step_flops(device, batch=16):
+    """(FLOPs of one forward and backward pass at this batch size, parameters)."""
     from torch.utils.flop_counter import FlopCounterMode
     model = new_model(device)
     x = torch.rand(batch, 3, 256, 256, device=device)
@@ -207,14 +207,12 @@ def step_flops(device, batch=16):
     counter = FlopCounterMode(display=False)
     with counter:
         logits, raw = model(x)
-        from utils import order_boxes
         (cls(logits, y) + box(order_boxes(raw), b)).backward()
-    return counter.get_total_flops()
+    return counter.get_total_flops(), sum(p.numel() for p in model.parameters())
 
 
 def bench_limit(device, train_results):
-    n_params = sum(p.numel() for p in HW5Net().parameters())
-    flops = step_flops(device)
+    flops, n_params = step_flops(device)
     rate = gemm_rate(device)
     bw = memory_bandwidth(device)
     # Adam reads parameter, gradient and both moments and writes back the three.

@@ -192,3 +192,12 @@ def test_a_last_batch_of_one_image_is_skipped_not_a_crash(tiny_data, tmp_path):
     history = train.main(args_for(tiny_data, str(tmp_path / "run"), "--epochs", "1",
                                   "--batch_size", str(n - 1), "--loss", "mse"))
     assert len(history["train"]["accuracy"]) == 1 and history["best_epoch"] == 1
+
+
+def test_subset_of_every_file_shares_the_cache_and_drops_the_flip(tiny_data):
+    # hw5_main evaluates the training split without augmentation through this.
+    full = MyCOCODataset(tiny_data, train=True, augment=True)
+    plain = full.subset(full.files, augment=False)
+    assert plain.images.data_ptr() == full.images.data_ptr()  # no copy of the images
+    assert plain.files == full.files and not plain.augment and plain._flip is None
+    assert full.augment and full._flip is not None  # the original keeps its flip
