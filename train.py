@@ -9,9 +9,11 @@ model kept by round(test accuracy, 3) + (1 - test box loss). OUT receives
 checkpoint.pt (after every epoch), best_model.pt (a state_dict), history.json.
 """
 import argparse
+import ctypes
 import logging
 import math
 import os
+import platform
 import random
 import sys
 import time
@@ -76,6 +78,26 @@ def make_optimizer(model, args, device):
         return torch.optim.Adam(params, fused=True, **kwargs)
     except (RuntimeError, TypeError):  # a device (or torch) without the fused kernel
         return torch.optim.Adam(params, **kwargs)
+
+
+def reuse_freed_memory():
+    """Have glibc's malloc keep large freed blocks for reuse instead of handing them back
+    to the kernel. A CPU training step frees and reallocates about 1 GB: the gradients
+    of the two 32768-wide linear layers (set to None by zero_grad) and the activations.
+    By default glibc maps each such block anew and every page of it faults in again;
+    on 2 cores that is a quarter of the step (0.82 s -> 0.59 s with reuse). Results are
+    unchanged: only where memory comes from changes. Returns True when applied (Linux
+    with glibc), False elsewhere."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+        # No mmap for large blocks (they come from the heap and go back to it), and the
+        # heap is trimmed only when more than 2 GB lies free at its top.
+        return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
+    except (OSError, AttributeError):
+        return False
 
 
 def loader(dataset, batch_size, shuffle, device, generator=None, workers=0, drop_last=False):
@@ -206,6 +228,8 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
     if os.path.exists(ckpt_path) and not args.resume:
         raise TrainingError(f"{out_dir} already holds a run (checkpoint.pt); pass --resume to "
                             f"continue it, or choose another --out_dir")
+    if not args.system_malloc and reuse_freed_memory():
+        log.info("malloc keeps freed blocks for reuse (--system_malloc leaves it alone)")
     seed_everything(args.seed)
     model.to(device)
     optimizer = make_optimizer(model, args, device)
@@ -312,6 +336,9 @@ def add_training_args(p):
                         "of on the test set (0: the report's rule, on the test set)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
+    p.add_argument("--system_malloc", action="store_true",
+                   help="leave glibc's malloc settings alone (by default large freed blocks are "
+                        "kept for reuse, which makes a CPU step about 28%% faster; results are the same)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--resume", action="store_true", help="continue the run in --out_dir from checkpoint.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -13,8 +13,10 @@ Sections:
   train   images/s over whole training epochs, data loading included, and the peak
           memory of the process (RSS; on a GPU also torch.cuda.max_memory_allocated):
           the reference; ours with the report's settings (two backward calls); ours
-          with the fastest options (--single_backward). Ours decodes the images
-          once, before the first epoch; that one-off cost is printed on its own.
+          with the fastest options (--single_backward); and that again with
+          --system_malloc, to show what reusing freed memory is worth (train.py's
+          reuse_freed_memory). Ours decodes the images once, before the first epoch;
+          that one-off cost is printed on its own.
   eval    images/s of one evaluation pass over the test split.
   limit   FLOPs of one training step (counted by torch.utils.flop_counter) over the
           measured fp32 GEMM rate, plus the optimizer's memory traffic over the measured
@@ -42,7 +44,7 @@ import reference  # noqa: E402
 from Dataset import MyCOCODataset, build_dataset  # noqa: E402
 from network import HW5Net  # noqa: E402
 from train import get_args_parser as train_args, loader, make_criteria, make_optimizer  # noqa: E402
-from train import pick_device, seed_everything, train_one_epoch  # noqa: E402
+from train import pick_device, reuse_freed_memory, seed_everything, train_one_epoch  # noqa: E402
 from utils import evaluation, order_boxes  # noqa: E402
 
 
@@ -103,8 +105,11 @@ def peak_rss_bytes():
 
 
 def child_train(kind, data_dir, device, repeats, amp):
-    """Time whole training epochs of one loop: kind is reference, ours or single."""
+    """Time whole training epochs of one loop: kind is reference, ours, single or
+    single_system_malloc (as single, with glibc's malloc left alone)."""
     out = {}
+    if kind in ("ours", "single"):
+        reuse_freed_memory()  # as train() does
     if kind == "reference":
         train_dict, test_dict, inv_map = load_dicts(data_dir)
         data, _ = reference.make_loaders(train_dict, test_dict, inv_map, data_dir)
@@ -121,7 +126,7 @@ def child_train(kind, data_dir, device, repeats, amp):
         cls, box, _ = make_criteria("ciou")
         data = loader(train_set, 16, True, device, torch.Generator().manual_seed(0))
         run = lambda: train_one_epoch(model, data, opt, cls, box, device, 0,  # noqa: E731
-                                      single_backward=kind == "single", amp=amp, progress=False)
+                                      single_backward=kind.startswith("single"), amp=amp, progress=False)
     med, times = timed(run, device, repeats)
     n = len(data.dataset)
     out.update(epoch_s=med, images_per_s=n / med, runs_s=times, steps=len(data), images=n,
@@ -140,6 +145,7 @@ def child_eval(kind, data_dir, device, repeats):
         ce, ciou = torch.nn.CrossEntropyLoss(), reference.CompleteIOULoss("mean")
         run = lambda: reference.evaluation(model, data, ce, ciou, device)  # noqa: E731
     else:
+        reuse_freed_memory()
         data = loader(MyCOCODataset(data_dir, train=False), 64, False, device)
         cls, box, _ = make_criteria("ciou")
         run = lambda: evaluation(model, data, cls, box, device)  # noqa: E731
@@ -160,7 +166,8 @@ def run_child(what, data_dir, args):
 
 TRAIN_RUNS = (("reference", "train:reference"),
               ("ours (report settings)", "train:ours"),
-              ("ours (--single_backward)", "train:single"))
+              ("ours (--single_backward)", "train:single"),
+              ("ours (--single_backward --system_malloc)", "train:single_system_malloc"))
 
 
 def bench_train(data_dir, args):
@@ -241,7 +248,7 @@ def print_results(res):
             extra = f"  {r['speedup']:.2f}x the reference" if "speedup" in r else ""
             cuda = (f", CUDA {r['cuda_max_allocated_bytes'] / gb:.2f} GB"
                     if r.get("cuda_max_allocated_bytes") else "")
-            print(f"  {name:38s} {r['epoch_s']:7.2f} s/epoch {r['images_per_s']:6.1f} images/s "
+            print(f"  {name:42s} {r['epoch_s']:7.2f} s/epoch {r['images_per_s']:6.1f} images/s "
                   f"{r['epoch_s'] / r['steps']:.3f} s/step  peak RSS {r['peak_rss_bytes'] / gb:.2f} GB"
                   f"{cuda}{extra}")
         print(f"  ours: decoding the training images once, before the first epoch: "
@@ -250,7 +257,7 @@ def print_results(res):
         print("\nevaluation over the test split:")
         for name, r in res["eval"].items():
             extra = f"  {r['speedup']:.2f}x the reference" if "speedup" in r else ""
-            print(f"  {name:38s} {r['seconds']:7.2f} s {r['images_per_s']:7.1f} images/s{extra}")
+            print(f"  {name:42s} {r['seconds']:7.2f} s {r['images_per_s']:7.1f} images/s{extra}")
     if "limit" in res:
         lim = res["limit"]
         print("\nlimit of one training step (batch 16):")
