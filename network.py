@@ -14,6 +14,40 @@ import torch.nn.functional as F
 from utils import write_text
 
 
+class _LinearCPU(torch.autograd.Function):
+    """y = x W^T + b for a 2-D x, computed as (W x^T)^T + b. For the heads' skinny
+    products (16 rows against a 32768-wide weight) MKL reads the weight about 1.4x
+    faster in this orientation: 48 ms instead of 67 ms for the 5196x32768 layer on 2
+    cores. The sums are the same up to float reassociation. The backward is nn.Linear's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        if bias is None:
+            return torch.mm(weight, x.t()).t()
+        return torch.addmm(bias.unsqueeze(1), weight, x.t()).t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_x = grad.mm(weight) if need_x else None
+        grad_w = grad.t().mm(x) if need_w else None
+        grad_b = grad.sum(0) if need_b and ctx.has_bias else None
+        return grad_x, grad_w, grad_b
+
+
+class Linear(nn.Linear):
+    """nn.Linear with the same parameters, state_dict and name in the summary; on the CPU
+    (fp32, 2-D input) its product runs through _LinearCPU. Elsewhere it is nn.Linear."""
+
+    def forward(self, x):
+        if x.device.type != "cpu" or x.dim() != 2 or torch.is_autocast_enabled("cpu"):
+            return super().forward(x)
+        return _LinearCPU.apply(x, self.weight, self.bias)
+
+
 class Block(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN plus a skip (identity, or conv3x3-BN when
     learnable_res), then ReLU (report Figs. 6-7)."""
@@ -59,16 +93,16 @@ class HW5Net(nn.Module):
         self.model = nn.Sequential(*model)
         features = channels * (image_size // 2 ** n_down) ** 2  # 128 * 16 * 16 = 32768
         self.class_head = nn.Sequential(
-            nn.Linear(features, 1024), nn.BatchNorm1d(1024), nn.ReLU(True),
-            nn.Linear(1024, 64), nn.BatchNorm1d(64), nn.ReLU(True),
-            nn.Linear(64, n_classes),
+            Linear(features, 1024), nn.BatchNorm1d(1024), nn.ReLU(True),
+            Linear(1024, 64), nn.BatchNorm1d(64), nn.ReLU(True),
+            Linear(64, n_classes),
         )
         self.bbox_head = nn.Sequential(
-            nn.Linear(features, 5196), nn.BatchNorm1d(5196), nn.ReLU(True),
-            nn.Linear(5196, 1024), nn.BatchNorm1d(1024), nn.ReLU(True),
-            nn.Linear(1024, 256), nn.BatchNorm1d(256), nn.ReLU(True),
-            nn.Linear(256, 64), nn.BatchNorm1d(64), nn.ReLU(True),
-            nn.Linear(64, 4),
+            Linear(features, 5196), nn.BatchNorm1d(5196), nn.ReLU(True),
+            Linear(5196, 1024), nn.BatchNorm1d(1024), nn.ReLU(True),
+            Linear(1024, 256), nn.BatchNorm1d(256), nn.ReLU(True),
+            Linear(256, 64), nn.BatchNorm1d(64), nn.ReLU(True),
+            Linear(64, 4),
         )
 
     def forward(self, x):

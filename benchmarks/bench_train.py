@@ -84,9 +84,11 @@ def load_dicts(data_dir):
     return out
 
 
-def new_model(device, seed=0):
+def new_model(device, seed=0, reference_layers=False):
+    """HW5Net from the seed; with reference_layers, as the report printed it."""
     seed_everything(seed)
-    return HW5Net().to(device)
+    net = HW5Net()
+    return (reference.printed_layers(net) if reference_layers else net).to(device)
 
 
 # ---------------------------------------------------------------------------------
@@ -113,7 +115,7 @@ def child_train(kind, data_dir, device, repeats, amp):
     if kind == "reference":
         train_dict, test_dict, inv_map = load_dicts(data_dir)
         data, _ = reference.make_loaders(train_dict, test_dict, inv_map, data_dir)
-        model = new_model(device)
+        model = new_model(device, reference_layers=True)
         opt = reference.make_optimizer(model)
         ce, ciou = torch.nn.CrossEntropyLoss(), reference.CompleteIOULoss("mean")
         run = lambda: reference.train_epoch(model, data, opt, ce, ciou, device)  # noqa: E731
@@ -138,7 +140,7 @@ def child_train(kind, data_dir, device, repeats, amp):
 def child_eval(kind, data_dir, device, repeats):
     """Time one evaluation pass over the test split: the report's evaluation() at batch
     16, or ours at batch 64."""
-    model = new_model(device)
+    model = new_model(device, reference_layers=kind == "reference")
     if kind == "reference":
         train_dict, test_dict, inv_map = load_dicts(data_dir)
         _, data = reference.make_loaders(train_dict, test_dict, inv_map, data_dir)

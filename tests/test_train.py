@@ -1,6 +1,7 @@
 """train.py on a tiny synthetic set: outputs, gradients, learning, resume after a kill."""
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -201,3 +202,34 @@ def test_subset_of_every_file_shares_the_cache_and_drops_the_flip(tiny_data):
     assert plain.images.data_ptr() == full.images.data_ptr()  # no copy of the images
     assert plain.files == full.files and not plain.augment and plain._flip is None
     assert full.augment and full._flip is not None  # the original keeps its flip
+
+
+FAULTS_SCRIPT = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+import train
+applied = train.reuse_freed_memory() if sys.argv[1] == "reuse" else None
+torch.ones(16 * 2 ** 20).sum()  # first touch: faults either way
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.ones(16 * 2 ** 20).sum()  # 64 MB, allocated, touched, freed
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's malloc only")
+def test_reuse_freed_memory_stops_refaulting_large_blocks():
+    """A freed 64 MB block comes back without faulting its pages in again."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = FAULTS_SCRIPT.format(root=root)
+    faults = {}
+    for mode in ("default", "reuse"):
+        out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
+                             check=True).stdout.split()
+        faults[mode] = int(out[-1])
+        if mode == "reuse":
+            assert out[0] == "True"
+    pages = 5 * 64 * 2 ** 20 // os.sysconf("SC_PAGE_SIZE")
+    assert faults["default"] > 0.8 * pages  # glibc maps each block anew
+    assert faults["reuse"] < pages / 4  # at most one of the five blocks faults in again
