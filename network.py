@@ -25,8 +25,8 @@ class _LinearCPU(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         if bias is None:
-            return torch.mm(weight, x.t()).t()
-        return torch.addmm(bias.unsqueeze(1), weight, x.t()).t()
+            return torch.mm(weight, x.t()).t().contiguous()
+        return torch.addmm(bias.unsqueeze(1), weight, x.t()).t().contiguous()
 
     @staticmethod
     def backward(ctx, grad):
@@ -40,7 +40,8 @@ class _LinearCPU(torch.autograd.Function):
 
 class Linear(nn.Linear):
     """nn.Linear with the same parameters, state_dict and name in the summary; on the CPU
-    (fp32, 2-D input) its product runs through _LinearCPU. Elsewhere it is nn.Linear."""
+    (2-D input, no autocast) its product runs through _LinearCPU. Elsewhere it is
+    nn.Linear."""
 
     def forward(self, x):
         if x.device.type != "cpu" or x.dim() != 2 or torch.is_autocast_enabled("cpu"):

@@ -3,7 +3,6 @@ import re
 
 import pytest
 import torch
-
 from torch import nn
 
 from network import Block, HW5Net, Linear, count_parameters, model_summary
@@ -112,6 +111,7 @@ def test_linear_matches_nn_linear(bias):
         y = layer(x)
         y.backward(g)
         outs.append(y)
+        assert y.is_contiguous()
         grads.append([x.grad] + [p.grad for p in layer.parameters()])
     torch.testing.assert_close(outs[0], outs[1])
     assert len(grads[0]) == len(grads[1]) == (3 if bias else 2)
