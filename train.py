@@ -338,7 +338,7 @@ def add_training_args(p):
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
     p.add_argument("--system_malloc", action="store_true",
                    help="leave glibc's malloc settings alone (by default large freed blocks are "
-                        "kept for reuse, which makes a CPU step about 28%% faster; results are the same)")
+                        "kept for reuse, which takes about a quarter off a CPU step; results are the same)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--resume", action="store_true", help="continue the run in --out_dir from checkpoint.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
