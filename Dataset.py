@@ -427,6 +427,11 @@ def decode_images(paths, workers=None, progress=False):
     return out
 
 
+def _random_flip():
+    from torchvision.transforms import v2
+    return v2.RandomHorizontalFlip(p=0.5)
+
+
 class MyCOCODataset(torch.utils.data.Dataset):
     """One split of a built DATA directory.
 
@@ -452,14 +457,12 @@ class MyCOCODataset(torch.utils.data.Dataset):
         xywh = torch.tensor([records[f]["bbox"] for f in self.files], dtype=torch.float32)
         xywh = xywh.reshape(-1, 4)
         self.boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1) / IMAGE_SIZE
-        self._flip = None
-        if augment:
-            from torchvision.transforms import v2
-            self._flip = v2.RandomHorizontalFlip(p=0.5)
+        self._flip = _random_flip() if augment else None
 
     def subset(self, files, augment=False):
-        """A dataset of some of these files, sharing nothing to decode: the cached images
-        are indexed, not read again (used for a held-out validation split)."""
+        """A dataset of some of these files, with nothing decoded again: the cached images
+        are indexed (a held-out validation split), or shared outright when files are all
+        of them in the same order (the training split evaluated without the flip)."""
         position = {f: i for i, f in enumerate(self.files)}
         missing = [f for f in files if f not in position]
         if missing:
@@ -470,11 +473,7 @@ class MyCOCODataset(torch.utils.data.Dataset):
             index = torch.tensor([position[f] for f in files], dtype=torch.long)
             part.images, part.labels, part.boxes = self.images[index], self.labels[index], self.boxes[index]
         part.augment = augment
-        if not augment:
-            part._flip = None
-        elif self._flip is None:
-            from torchvision.transforms import v2
-            part._flip = v2.RandomHorizontalFlip(p=0.5)
+        part._flip = (self._flip or _random_flip()) if augment else None
         return part
 
     def __len__(self):

@@ -49,7 +49,6 @@ from train import pick_device, reuse_freed_memory, seed_everything, train_one_ep
 from utils import evaluation, order_boxes  # noqa: E402
 
 
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
