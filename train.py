@@ -9,6 +9,7 @@ model kept by round(test accuracy, 3) + (1 - test box loss). OUT receives
 checkpoint.pt (after every epoch), best_model.pt (a state_dict), history.json.
 """
 import argparse
+import contextlib
 import ctypes
 import logging
 import math
@@ -98,6 +99,15 @@ def reuse_freed_memory():
         return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
     except (OSError, AttributeError):
         return False
+
+
+def release_freed_memory():
+    """Hand the heap's free pages back to the kernel (glibc's malloc_trim), as train()
+    does when it ends: a process that goes on to other work does not keep the training
+    run's freed memory."""
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).malloc_trim(0)
 
 
 def loader(dataset, batch_size, shuffle, device, generator=None, workers=0, drop_last=False):
@@ -292,6 +302,7 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
                      "args": {k: v for k, v in vars(args).items()
                               if isinstance(v, (int, float, str, bool, type(None)))}},
                     ckpt_path)
+    release_freed_memory()
     return model, history
 
 
