@@ -1,7 +1,7 @@
 """The report's experiment (Section 4): HW5Net trained with CIoU and with MSE, compared.
 
     python hw5_main.py --data_dir data/hw5 --out_dir runs/hw5     # on a dataset built by Dataset.py
-    python hw5_main.py --demo --out_dir runs/demo                  # no COCO: synthetic data, ~9 min on 2 CPU cores
+    python hw5_main.py --demo --out_dir runs/demo                  # no COCO: synthetic data, ~10 min on 2 CPU cores
 
 Trains both models (train.py), evaluates the best of each on the training and test
 splits, and writes into OUT: ciou/ and mse/ (best_model.pt, checkpoint.pt,
@@ -35,7 +35,7 @@ REPORT = {
     "mse": {"train": {"accuracy": 0.994, "mean_iou": 0.67}, "test": {"accuracy": 0.896, "mean_iou": 0.57}},
 }
 
-# The demo: a synthetic COCO tree small enough for about 9 minutes on 2 CPU cores
+# The demo: a synthetic COCO tree small enough for about 10 minutes on 2 CPU cores
 # (a --single_backward training step of HW5Net at batch 16 costs about 0.57 s there).
 # Each option that is left at its default on the command line takes the demo's value.
 DEMO = {"n_train": 720, "n_val": 200, "synthetic_seed": 0, "epochs": 8, "single_backward": True}
