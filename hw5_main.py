@@ -20,8 +20,8 @@ import torch
 
 from Dataset import DatasetError, build_dataset
 from network import count_parameters, model_summary
-from train import (TrainingError, add_training_args, build_model, load_datasets, load_model_state,
-                   loader, make_criteria, pick_device, seed_everything, train)
+from train import (TrainingError, add_training_args, build_model, load_checkpoint, load_datasets,
+                   load_model_state, loader, make_criteria, pick_device, seed_everything, train)
 from utils import (box_iou_per_image, display_preds, evaluation, plot_cm, plot_history,
                    write_json, write_text)
 
@@ -87,7 +87,7 @@ def run_model(key, loss_name, datasets, out_dir, args, device):
     model, history = train(model, train_set, test_set, run_dir, args, device, val_set,
                            progress=not args.quiet)
     best_path = os.path.join(run_dir, "best_model.pt")
-    load_model_state(model, torch.load(best_path, map_location=device, weights_only=True), best_path)
+    load_model_state(model, load_checkpoint(best_path), best_path)
     criterion_cls, criterion_box, _ = make_criteria(key)
     splits = {"train": train_set.subset(train_set.files, augment=False), "test": test_set}
     if val_set is not None:
@@ -95,7 +95,8 @@ def run_model(key, loss_name, datasets, out_dir, args, device):
     results = {}
     for split, data in splits.items():
         cm, res = evaluation(model, loader(data, args.eval_batch_size, False, device),
-                             criterion_cls, criterion_box, device, order=not args.raw_boxes)
+                             criterion_cls, criterion_box, device, order=not args.raw_boxes,
+                             amp=args.amp)
         results[split] = {k: v for k, v in res.items() if k != "predictions"}
         results[split]["confusion_matrix"] = cm.tolist()
         if split == "val":
@@ -134,9 +135,11 @@ def results_markdown(results):
                   f"test mean IoU {b['mean_box_test_iou']:.3f}.", ""]
     for key, name in MODELS:
         r = results[key]
+        skipped = (f"; {r['skipped_steps']} training steps skipped for a non-finite loss or "
+                   f"gradient" if r["skipped_steps"] else "")
         lines.append(f"- {name}: best epoch {r['best_epoch']} of {r['epochs_trained']} "
                      f"(selected on {r['select_on']}); {r['train_seconds']:.0f} s of epochs (training and "
-                     f"per-epoch evaluation, checkpoint writes not counted)")
+                     f"per-epoch evaluation, checkpoint writes not counted){skipped}")
     lines += ["", "## Settings", ""]
     for k in ("device", "data_dir", "n_train", "n_test", "n_val", "epochs", "batch_size", "lr",
               "betas", "seed", "boxes", "backward", "augment", "amp", "learnable_res", "torch",
@@ -229,6 +232,7 @@ def main(args):
         results[key] = {**res, "best_epoch": history["best_epoch"],
                         "best_score": history["best_score"], "select_on": history["select_on"],
                         "epochs_trained": len(history["epoch_seconds"]),
+                        "skipped_steps": sum(history.get("skipped_steps", [])),
                         "train_seconds": round(sum(history["epoch_seconds"]), 1)}
     results["report"] = REPORT
     results["settings"] = {
@@ -239,7 +243,7 @@ def main(args):
         "betas": [args.beta1, args.beta2], "seed": args.seed,
         "boxes": "raw (as the report's code)" if args.raw_boxes else "ordered (order_boxes)",
         "backward": "single" if args.single_backward else "two calls (as the report)",
-        "augment": args.augment, "amp": args.amp and device.type == "cuda",
+        "augment": args.augment, "amp": args.amp,
         "learnable_res": args.learnable_res, "parameters": n_params, "parameter_tensors": n_layers,
         "torch": torch.__version__, "python": platform.python_version(),
         "wall_seconds": round(time.perf_counter() - t_start, 1),

@@ -16,6 +16,9 @@ import math
 import os
 import platform
 import random
+import re
+import shutil
+import subprocess
 import sys
 import time
 
@@ -26,7 +29,8 @@ from tqdm import tqdm
 
 from Dataset import DatasetError, MyCOCODataset
 from network import HW5Net
-from utils import CompleteIOULoss, box_iou_per_image, evaluation, order_boxes, write_json
+from utils import (CompleteIOULoss, accumulator_dtype, box_iou_per_image, evaluation, order_boxes,
+                   write_json)
 
 log = logging.getLogger("train")
 
@@ -40,14 +44,78 @@ class TrainingError(Exception):
 # ---------------------------------------------------------------------------------
 # Set-up
 # ---------------------------------------------------------------------------------
-def pick_device(name="auto"):
-    if name != "auto":
-        return torch.device(name)
+def nvidia_driver_info(proc_path="/proc/driver/nvidia/version", smi="nvidia-smi"):
+    """(driver version, highest CUDA version the driver supports or None) of this
+    machine's NVIDIA driver, or None when it has none. Read from nvidia-smi's header,
+    else from the kernel module's version file."""
+    if shutil.which(smi):
+        try:
+            out = subprocess.run([smi], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        driver = re.search(r"Driver Version:\s*([\d.]+)", out)
+        if driver:
+            cuda = re.search(r"CUDA Version:\s*([\d.]+)", out)
+            return driver.group(1), cuda.group(1) if cuda else None
+    try:
+        with open(proc_path) as f:
+            driver = re.search(r"Kernel Module\s+([\d.]+)", f.read())
+    except OSError:
+        return None
+    return (driver.group(1), None) if driver else None
+
+
+def unusable_gpu_message():
+    """One line saying that this machine has an NVIDIA GPU which the installed torch cannot
+    use, why, and the fix; None when torch can use it or there is none."""
     if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+        return None
+    info = nvidia_driver_info()
+    if info is None:
+        return None
+    driver, driver_cuda = info
+    gpu = f"NVIDIA driver {driver}" + (f", which supports CUDA up to {driver_cuda}" if driver_cuda else "")
+    if torch.version.cuda is None:
+        why = f"torch {torch.__version__} is a build without CUDA"
+    else:
+        why = f"torch {torch.__version__} was built for CUDA {torch.version.cuda}"
+    return (f"this machine has an NVIDIA GPU ({gpu}) but {why} and cannot use it: install the "
+            f"torch build for the driver's CUDA version, e.g. `pip install torch torchvision "
+            f"--index-url https://download.pytorch.org/whl/cu126` for CUDA 12.6 (README: "
+            f"Installing torch for your machine), or update the driver")
+
+
+def pick_device(name="auto"):
+    """torch.device for --device: auto is CUDA, then Apple MPS, then the CPU. A device that
+    cannot be used raises TrainingError with the reason; auto falling back to the CPU on a
+    machine with an NVIDIA GPU says so in one loud line."""
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = mps is not None and mps.is_available()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if mps_ok:
+            return torch.device("mps")
+        message = unusable_gpu_message()
+        if message:
+            log.warning("TRAINING ON THE CPU: %s", message)
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"--device {name}: not a device; expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError(f"--device {name}: " + (unusable_gpu_message() or
+                                f"torch {torch.__version__} sees no CUDA GPU on this machine"))
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise TrainingError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type == "mps" and not mps_ok:
+        raise TrainingError(f"--device {name}: Apple MPS is not available (it needs an Apple-silicon "
+                            f"Mac and a torch build with MPS)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise TrainingError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 def seed_everything(seed):
@@ -112,10 +180,12 @@ def release_freed_memory():
 
 def loader(dataset, batch_size, shuffle, device, generator=None, workers=0, drop_last=False):
     # Images already sit decoded in memory; worker processes only pay off on a GPU box.
+    # Workers are not persistent: each epoch's iterator draws the workers' base seed from
+    # the shuffle generator, in an uninterrupted run and after a resume alike, so a resumed
+    # run shuffles (and flips) as the uninterrupted one. Persistent workers draw it once.
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
                                        generator=generator, num_workers=workers, drop_last=drop_last,
-                                       pin_memory=device.type == "cuda",
-                                       persistent_workers=workers > 0)
+                                       pin_memory=device.type == "cuda")
 
 
 def split_train_val(files, fraction, seed):
@@ -132,13 +202,60 @@ def split_train_val(files, fraction, seed):
 # ---------------------------------------------------------------------------------
 # One epoch
 # ---------------------------------------------------------------------------------
+class NonFiniteGuard:
+    """Keeps a step whose loss or gradient is not finite from reaching the weights, with no
+    host sync on a GPU. After the backward pass, check(loss) sets `found` on the device
+    (1.0 when the loss or any gradient holds an inf or a NaN); step() then runs the
+    optimizer with it. Fused Adam takes it as found_inf, the device-side skip that
+    torch.amp.GradScaler uses: weights, moments and step count stay as they were. An
+    optimizer without fused support is stepped only after `found` is read on the host."""
+
+    def __init__(self, optimizer, device):
+        self.optimizer = optimizer
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.found = torch.zeros((), device=device)
+        self.one = torch.ones((), device=device)
+        self.device_side = bool(optimizer.defaults.get("fused"))
+        self.foreach_check = True
+
+    def check(self, loss):
+        self.found.copy_(~torch.isfinite(loss))
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.foreach_check:
+            try:  # one pass over the gradients that reads them (multiplying by 1 is exact)
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found, self.one)
+                return self.found
+            except (RuntimeError, NotImplementedError):  # a device without the kernel
+                self.foreach_check = False
+        norms = torch.stack(torch._foreach_norm(grads)) if grads else self.one
+        self.found.copy_(torch.maximum(self.found, (~torch.isfinite(norms.sum())).float()))
+        return self.found
+
+    def step(self):
+        if self.device_side:
+            self.optimizer.found_inf = self.found
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not self.found.item():
+            self.optimizer.step()
+
+
 def train_one_epoch(model, data, optimizer, criterion_cls, criterion_box, device, epoch,
                     order=True, single_backward=False, amp=False, progress=True, check_every=20):
     """One pass over data. Returns the epoch's running means over images (model in train
-    mode, as the report logged them). Raises TrainingError on a non-finite loss."""
+    mode, as the report logged them) and skipped_steps: the steps whose loss or gradient
+    was not finite, which changed neither the weights nor Adam's state and are left out
+    of the means (NonFiniteGuard). Raises TrainingError when check_every steps in a row,
+    or every step of a shorter epoch, were skipped. The host reads the device every
+    check_every steps, for that check and the progress bar, and never in between."""
     model.train()
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # ce, box, correct, iou
-    n = 0
+    guard = NonFiniteGuard(optimizer, device)
+    acc = accumulator_dtype(device)
+    sums = torch.zeros(5, device=device, dtype=acc)  # ce, box, correct, IoU (summed over images), images
+    skipped = torch.zeros((), device=device)
+    streak = torch.zeros((), device=device)  # skipped steps in a row
     bar = tqdm(data, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress)
     for step, batch in enumerate(bar):
         images = batch["image"].to(device, non_blocking=True)
@@ -156,47 +273,73 @@ def train_one_epoch(model, data, optimizer, criterion_cls, criterion_box, device
         else:
             ce.backward(retain_graph=True)  # report Fig. 12
             box_loss.backward()
-        optimizer.step()
+        found = guard.check(ce.detach() + box_loss.detach())
+        guard.step()
         bs = labels.shape[0]
         with torch.no_grad():
-            sums += torch.stack([ce.detach().double() * bs, box_loss.detach().double() * bs,
-                                 (logits.argmax(1) == labels).sum().double(),
-                                 box_iou_per_image(pred_box.detach(), boxes).sum().double()])
-        n += bs
-        # A host sync every check_every steps (not every step): finite check and the bar.
+            batch_sums = torch.cat([torch.stack([ce.detach(), box_loss.detach()]).to(acc) * bs,
+                                    (logits.argmax(1) == labels).sum().to(acc).reshape(1),
+                                    box_iou_per_image(pred_box.detach(), boxes).sum().to(acc).reshape(1),
+                                    sums.new_full((1,), bs)])
+            sums += batch_sums.masked_fill(found.bool(), 0)
+            skipped += found
+            streak.mul_(found).add_(found)
         if (step + 1) % check_every == 0 or step + 1 == len(data):
-            means = (sums / n).tolist()
-            if not all(math.isfinite(v) for v in means[:2]):
-                raise TrainingError(f"non-finite loss in epoch {epoch} (cross-entropy {means[0]}, "
-                                    f"box loss {means[1]}); the last good checkpoint is kept")
+            # A host sync, every check_every steps: the guard's verdict and the bar.
+            means = (sums[:4] / sums[4]).tolist()
+            n_streak = int(streak)
+            if n_streak >= min(check_every, step + 1):  # this step ends the streak
+                raise TrainingError(
+                    f"non-finite loss or gradient in epoch {epoch}, {n_streak} step(s) in a row "
+                    f"(the last: cross-entropy {float(ce.detach())}, box loss "
+                    f"{float(box_loss.detach())}); none of them changed the weights. Stopped; the "
+                    f"last checkpoint is kept (try a lower --lr)")
             bar.set_postfix(ce=f"{means[0]:.3f}", box=f"{means[1]:.3f}", acc=f"{means[2]:.3f}")
-    means = (sums / n).tolist()
-    return dict(zip(METRICS, means))
+    means = (sums[:4] / sums[4]).tolist()
+    return {**dict(zip(METRICS, means)), "skipped_steps": int(skipped)}
 
 
 # ---------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------
-def rng_state(loader_generator):
+def device_rng(device):
+    """(get_state, set_state) of the training device's own generator, or None on the CPU."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return (lambda: torch.cuda.get_rng_state(index)), (lambda s: torch.cuda.set_rng_state(s, index))
+    if device.type == "mps":
+        return torch.mps.get_rng_state, torch.mps.set_rng_state
+    return None
+
+
+def rng_state(loader_generator, device):
+    """Every generator a run draws from, as CPU tensors and Python values: the CPU's, the
+    shuffle generator's, Python's, numpy's and the training device's own (key cuda or
+    mps)."""
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "loader": loader_generator.get_state(),
              "python": random.getstate(),
              "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                        "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    own = device_rng(device)
+    if own is not None:
+        state[device.type] = own[0]().cpu()
     return state
 
 
-def set_rng_state(state, loader_generator):
+def set_rng_state(state, loader_generator, device):
+    """Restore rng_state(); each state must be a CPU tensor (load_checkpoint gives that). The
+    device's generator is restored when the checkpoint was written on the same kind of
+    device."""
     torch.set_rng_state(state["torch"])
     loader_generator.set_state(state["loader"])
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
     s = state["numpy"]
     np.random.set_state(("MT19937", s["key"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
                          s["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    own = device_rng(device)
+    if own is not None and device.type in state:
+        own[1](state[device.type])
 
 
 def save_atomic(obj, path):
@@ -205,12 +348,15 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, device):
+def load_checkpoint(path):
+    """A checkpoint's (or best_model.pt's) contents with every tensor on the CPU, whatever
+    device wrote it: the RNG states must be CPU tensors, and load_state_dict moves weights
+    and Adam's moments to their parameters' device (as torchvision's references load)."""
     if not os.path.exists(path):
         raise TrainingError(f"no checkpoint at {path}: nothing to resume (run without --resume "
                             f"to start)")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which, not where in torch
         raise TrainingError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
 
@@ -222,6 +368,34 @@ def load_model_state(model, state, path):
         raise TrainingError(f"{path} holds weights of a different architecture than "
                             f"{type(model).__name__} with these settings (width, n_blocks, "
                             f"learnable_res must match the run that wrote it)") from None
+
+
+# How an optimizer runs, not what it has learnt: these stay the resuming run's own, so a
+# checkpoint written with fused Adam on one device resumes on a device without it.
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer, state):
+    groups = [{**saved, **{k: current[k] for k in IMPLEMENTATION_FLAGS if k in current}}
+              for saved, current in zip(state["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+
+
+def checkpoint_state(model, optimizer, epoch, history, generator, device, args):
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+            "history": history, "rng": rng_state(generator, device),
+            "args": {k: v for k, v in vars(args).items()
+                     if isinstance(v, (int, float, str, bool, type(None)))}}
+
+
+def resume_from(path, model, optimizer, generator, device):
+    """Load checkpoint.pt onto the CPU, then restore the model and Adam (moved to the
+    parameters' device) and every generator. Returns the checkpoint."""
+    ckpt = load_checkpoint(path)
+    load_model_state(model, ckpt["model"], path)
+    load_optimizer_state(optimizer, ckpt["optimizer"])
+    set_rng_state(ckpt["rng"], generator, device)
+    return ckpt
 
 
 # ---------------------------------------------------------------------------------
@@ -258,29 +432,34 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
         eval_loaders["val"] = loader(val_set, args.eval_batch_size, False, device)
     select_on = "val" if val_set is not None else "test"
     history = {split: {m: [] for m in METRICS} for split in ["train", *eval_loaders]}
-    history.update(epoch_seconds=[], best_epoch=None, best_score=None, select_on=select_on,
-                   loss=loss_name)
+    history.update(epoch_seconds=[], skipped_steps=[], best_epoch=None, best_score=None,
+                   select_on=select_on, loss=loss_name)
     start_epoch = 1
     if args.resume:
-        ckpt = load_checkpoint(ckpt_path, device)
-        load_model_state(model, ckpt["model"], ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = resume_from(ckpt_path, model, optimizer, generator, device)
         history = ckpt["history"]
-        set_rng_state(ckpt["rng"], generator)
+        history.setdefault("skipped_steps", [0] * len(history["epoch_seconds"]))
         start_epoch = ckpt["epoch"] + 1
         log.info("resumed from %s after epoch %d", ckpt_path, ckpt["epoch"])
-    amp = args.amp and device.type == "cuda"
+    if args.amp and device.type == "cpu":
+        log.info("--amp on the CPU: bfloat16 autocast runs as on a GPU, but is fast only on a CPU "
+                 "with native bfloat16 (AMX); elsewhere it is much slower than float32")
     log.info("training HW5Net with %s on %s: %d train, %d %s images, epochs %d, batch %d",
              loss_name, device, len(train_set), len(eval_loaders[select_on].dataset), select_on,
              args.epochs, args.batch_size)
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.perf_counter()
         train_metrics = train_one_epoch(model, train_loader, optimizer, criterion_cls, criterion_box,
-                                        device, epoch, order, args.single_backward, amp, progress)
+                                        device, epoch, order, args.single_backward, args.amp, progress)
         for m in METRICS:
             history["train"][m].append(train_metrics[m])
+        history["skipped_steps"].append(train_metrics["skipped_steps"])
+        if train_metrics["skipped_steps"]:
+            log.warning("epoch %d: %d steps with a non-finite loss or gradient were skipped (the "
+                        "weights did not take them)", epoch, train_metrics["skipped_steps"])
         for split, data in eval_loaders.items():
-            _, res = evaluation(model, data, criterion_cls, criterion_box, device, order=order)
+            _, res = evaluation(model, data, criterion_cls, criterion_box, device, order=order,
+                                amp=args.amp)
             for m in METRICS:
                 history[split][m].append(res[m])
         history["epoch_seconds"].append(round(time.perf_counter() - t0, 3))
@@ -297,10 +476,7 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
                  sel["box_loss"], sel["accuracy"], sel["mean_iou"], history["epoch_seconds"][-1],
                  " (best)" if history["best_epoch"] == epoch else "")
         write_json(history, history_path)
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "epoch": epoch, "history": history, "rng": rng_state(generator),
-                     "args": {k: v for k, v in vars(args).items()
-                              if isinstance(v, (int, float, str, bool, type(None)))}},
+        save_atomic(checkpoint_state(model, optimizer, epoch, history, generator, device, args),
                     ckpt_path)
     release_freed_memory()
     return model, history
@@ -346,11 +522,13 @@ def add_training_args(p):
                    help="select the best model on this held-out part of the training set instead "
                         "of on the test set (0: the report's rule, on the test set)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
+    p.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast for the forward passes, on any device (CUDA, MPS, CPU)")
     p.add_argument("--system_malloc", action="store_true",
                    help="leave glibc's malloc settings alone (by default large freed blocks are "
                         "kept for reuse, which takes about a quarter off a CPU step; results are the same)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, default=0,
+                   help="DataLoader worker processes (a resumed run is exact with any number)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out_dir from checkpoint.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p

@@ -5,12 +5,12 @@ Boxes are [x1, y1, x2, y2] normalised to (0, 1) throughout. Figures take saved r
 running a model again.
 """
 import json
+import math
 import os
 
 import numpy as np
 import torch
 from torch import nn
-from torchvision.ops import complete_box_iou_loss
 
 from Dataset import CLASS_NAMES, IMAGE_SIZE, draw_box
 
@@ -50,9 +50,58 @@ def inverted_fraction(pred):
     return ((pred[:, 2] < pred[:, 0]) | (pred[:, 3] < pred[:, 1])).float().mean()
 
 
+def aspect_angle(w, h):
+    """CIoU's aspect-ratio angle atan(w / h), written as atan2 so that it and its gradient
+    stay finite where atan(w / h) is not. At h = 0 (a bfloat16 box head ties y1 and y2
+    often) w / h is infinite and its gradient NaN; atan2 gives the limit, ±pi/2, and the
+    gradient -1/w. A box with no extent (w^2 + h^2 below the dtype's smallest normal
+    number: a point) has no aspect ratio and is given a square's, pi/4, with no gradient
+    from this term. atan(w / h) = atan2(w * s, h * s) with s the sign of h, so raw,
+    inverted boxes (h < 0) keep atan(w / h)'s value too."""
+    sign = 1 - 2 * (h < 0).to(h.dtype)
+    a, b = w * sign, h * sign
+    point = a * a + b * b < torch.finfo(a.dtype).tiny
+    return torch.atan2(a.masked_fill(point, 1.0), b.masked_fill(point, 1.0))
+
+
+def complete_box_iou_loss(pred, target, reduction="mean", eps=1e-7):
+    """Complete-IoU loss (Zheng et al. 2020): torchvision.ops.complete_box_iou_loss's terms
+    in its order, with its value on boxes of positive width and height (a test compares
+    the two), and two changes:
+    - the aspect-ratio angle is aspect_angle(w, h) instead of atan(w / h), so the loss and
+      its gradient stay finite for every box the head can produce: zero width or height,
+      a point, boxes outside the image or equal to the target;
+    - the intersection is clamped instead of masked: a boolean-mask assignment waits for
+      the GPU on every call.
+    Computed in float32 at least (bfloat16 input is upcast: its spacing would round the
+    small terms away); pred and target are [N, 4] boxes [x1, y1, x2, y2]."""
+    dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
+    x1, y1, x2, y2 = pred.to(dtype).unbind(-1)
+    x1g, y1g, x2g, y2g = target.to(dtype).unbind(-1)
+    inter = ((torch.minimum(x2, x2g) - torch.maximum(x1, x1g)).clamp(min=0)
+             * (torch.minimum(y2, y2g) - torch.maximum(y1, y1g)).clamp(min=0))
+    w, h, w_gt, h_gt = x2 - x1, y2 - y1, x2g - x1g, y2g - y1g
+    iou = inter / (w * h + w_gt * h_gt - inter + eps)
+    # Distance term: centres' squared distance over the enclosing box's squared diagonal.
+    diagonal2 = ((torch.maximum(x2, x2g) - torch.minimum(x1, x1g)) ** 2
+                 + (torch.maximum(y2, y2g) - torch.minimum(y1, y1g)) ** 2 + eps)
+    centres2 = ((x2 + x1) / 2 - (x1g + x2g) / 2) ** 2 + ((y2 + y1) / 2 - (y1g + y2g) / 2) ** 2
+    v = (4 / math.pi ** 2) * (aspect_angle(w_gt, h_gt) - aspect_angle(w, h)) ** 2
+    with torch.no_grad():  # the trade-off weight carries no gradient, as in torchvision
+        alpha = v / (1 - iou + v + eps)
+    loss = 1 - iou + centres2 / diagonal2 + alpha * v
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.mean() if loss.numel() > 0 else 0.0 * loss.sum()
+    raise ValueError(f"reduction must be 'none', 'mean' or 'sum', not {reduction!r}")
+
+
 class CompleteIOULoss(nn.Module):
-    """torchvision's complete_box_iou_loss (differentiable), with the prediction's
-    coordinate pairs ordered first (order=False feeds it raw, as the report's code)."""
+    """The CIoU box loss (complete_box_iou_loss), with the prediction's coordinate pairs
+    ordered first (order=False feeds it raw, as the report's code)."""
 
     def __init__(self, reduction="mean", order=True):
         super().__init__()
@@ -74,7 +123,14 @@ def confusion_matrix(labels, preds, n_classes=len(CLASS_NAMES)):
 # ---------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------
-def evaluation(model, loader, criterion_cls, criterion_box, device, order=True):
+def accumulator_dtype(device):
+    """The dtype of running sums on a device: float64 where the device has it, so that a
+    split's means (and the selection score made of them) do not depend on the order of the
+    batches; float32 on Apple MPS, which has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def evaluation(model, loader, criterion_cls, criterion_box, device, order=True, amp=False):
     """Run model over a whole split under torch.no_grad() in eval mode.
 
     Returns (confusion matrix [3, 3], results) where results holds cross_entropy,
@@ -85,11 +141,12 @@ def evaluation(model, loader, criterion_cls, criterion_box, device, order=True):
     order=False passes the raw output, as the report's code did. inverted_fraction is
     measured on the raw output. Both criteria must use reduction='mean' (each batch's
     value is scaled back to a sum, so the last, short batch weighs what it holds).
+    amp runs the forward pass under bfloat16 autocast, as training with --amp does.
     """
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # ce, box loss, inverted
+    sums = torch.zeros(3, device=device, dtype=accumulator_dtype(device))  # ce, box loss, inverted
     parts = {k: [] for k in ("label", "pred_label", "box", "pred_box", "iou")}
     n = 0
     # Channels-last input: oneDNN's convolutions run the forward pass about 20% faster on
@@ -100,13 +157,13 @@ def evaluation(model, loader, criterion_cls, criterion_box, device, order=True):
             images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
             labels = batch["label"].to(device, non_blocking=True)
             boxes = batch["bbox"].to(device, non_blocking=True)
-            logits, raw = model(images)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits, raw = model(images)
             logits, raw = logits.float(), raw.float()
             bs = labels.shape[0]
             pred_box = order_boxes(raw) if order else raw
-            sums[0] += criterion_cls(logits, labels).double() * bs
-            sums[1] += criterion_box(pred_box, boxes).double() * bs
-            sums[2] += inverted_fraction(raw).double() * bs
+            sums += torch.stack([criterion_cls(logits, labels), criterion_box(pred_box, boxes),
+                                 inverted_fraction(raw)]).to(sums.dtype) * bs
             parts["label"].append(labels)
             parts["pred_label"].append(logits.argmax(1))
             parts["box"].append(boxes)
@@ -122,8 +179,8 @@ def evaluation(model, loader, criterion_cls, criterion_box, device, order=True):
     results = {
         "cross_entropy": sums[0],
         "box_loss": sums[1],
-        "accuracy": float((preds["label"] == preds["pred_label"]).double().mean()),
-        "mean_iou": float(preds["iou"].double().mean()),
+        "accuracy": int((preds["label"] == preds["pred_label"]).sum()) / n,
+        "mean_iou": float(preds["iou"].numpy().mean(dtype=np.float64)),
         "inverted_fraction": sums[2],
         "n_images": n,
         "predictions": preds,

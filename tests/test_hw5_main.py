@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hw5_main
-from train import TrainingError
+from train import TrainingError, pick_device
 
 FIGURES = [f"{model}_{split}_{kind}.png" for model in ("ciou", "mse")
            for split in ("train", "test") for kind in ("cm", "preds")] + ["ciou_curves.png",
@@ -46,8 +46,9 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
             trace = sum(r["confusion_matrix"][i][i] for i in range(3))
             assert r["accuracy"] == pytest.approx(trace / n)
         assert saved[model]["best_epoch"] == 1 and saved[model]["epochs_trained"] == 1
+        assert saved[model]["skipped_steps"] == 0
     s = saved["settings"]
-    assert s["demo"] is True and s["epochs"] == 1 and s["device"] == "cpu"
+    assert s["demo"] is True and s["epochs"] == 1 and s["device"] == str(pick_device("auto"))
     assert s["backward"] == "single" and s["parameters"] == 211_083_307
     assert 0.0 < saved["baseline"]["mean_box_test_iou"] < 1.0
 
@@ -60,12 +61,14 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
     # The best CIoU model's weights give the recorded test accuracy.
     from Dataset import MyCOCODataset
     from network import HW5Net
+    device = pick_device("auto")
     model = HW5Net()
     model.load_state_dict(torch.load(os.path.join(out, "ciou", "best_model.pt"), weights_only=True))
-    model.eval()
+    model.to(device).eval()
     test_set = MyCOCODataset(os.path.join(out, "data"), train=False)
     with torch.no_grad():
-        logits, _ = model(test_set.images.float() / 255)
+        logits, _ = model(test_set.images.to(device).float() / 255)
+        logits = logits.cpu()
     assert (logits.argmax(1) == test_set.labels).double().mean().item() == pytest.approx(ciou_test["accuracy"])
 
     # A second run into the same OUT is refused before any work.

@@ -1,5 +1,6 @@
 """train.py on a tiny synthetic set: outputs, gradients, learning, resume after a kill."""
 import json
+import math
 import os
 import platform
 import signal
@@ -110,14 +111,94 @@ class TinyNet(nn.Module):
         return out[:, :3], out[:, 3:]
 
 
-def test_non_finite_loss_stops_with_a_message():
-    model = TinyNet()
-    opt = torch.optim.Adam(model.parameters())
-    batch = {"image": torch.rand(2, 3, 4, 4), "label": torch.tensor([0, 1]), "bbox": torch.rand(2, 4)}
-    nan_loss = lambda pred, target: (pred * float("nan")).mean()  # noqa: E731
-    with pytest.raises(TrainingError, match="non-finite loss in epoch 3"):
-        train.train_one_epoch(model, [batch], opt, nn.CrossEntropyLoss(), nan_loss,
-                              torch.device("cpu"), 3, progress=False)
+CPU = torch.device("cpu")
+
+
+def tiny_batch(seed, nan=False):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(4, 2, generator=g) * 0.5
+    batch = {"image": torch.rand(4, 3, 4, 4, generator=g), "label": torch.tensor([0, 1, 2, 1]),
+             "bbox": torch.cat([xy, xy + 0.3], dim=1)}
+    if nan:
+        batch["image"][1, 0, 0, 0] = float("nan")
+    return batch
+
+
+def tiny_run(batches, fused=True, model=None, criterion_box=None, amp=False, check_every=20):
+    torch.manual_seed(0)
+    model = model or TinyNet()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, fused=fused)
+    res = train.train_one_epoch(model, batches, opt, nn.CrossEntropyLoss(),
+                                criterion_box or train.make_criteria("ciou")[1], CPU, 1, amp=amp,
+                                progress=False, check_every=check_every)
+    return model, opt, res
+
+
+def no_foreach_check(*args):
+    raise NotImplementedError("a device without _amp_foreach_non_finite_check_and_unscale_")
+
+
+@pytest.mark.parametrize("fused, kernel", [(True, True), (False, True), (True, False)],
+                         ids=["fused Adam, device-side", "plain Adam, host check",
+                              "fused Adam, check by norms"])
+def test_a_non_finite_step_leaves_weights_and_adam_as_they_were(fused, kernel, monkeypatch):
+    """A NaN in one batch: that step is skipped and counted; the run ends exactly where a
+    run without that batch ends (weights, Adam's moments and step count, metrics)."""
+    if not kernel:
+        monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", no_foreach_check)
+    good1, bad, good2 = tiny_batch(1), tiny_batch(2, nan=True), tiny_batch(3)
+    model, opt, res = tiny_run([good1, bad, good2], fused)
+    clean_model, clean_opt, clean_res = tiny_run([good1, good2], fused)
+    assert res["skipped_steps"] == 1 and clean_res["skipped_steps"] == 0
+    for p, q in zip(model.parameters(), clean_model.parameters()):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], clean_opt.state[q][key]), key
+    for m in train.METRICS:
+        assert res[m] == pytest.approx(clean_res[m], rel=1e-12), m
+
+
+def flat_box_net():
+    """TinyNet whose box is (0.1, 0.5, 0.7, 0.5) for every image: zero height."""
+    net = TinyNet()
+    with torch.no_grad():
+        net.fc.weight.zero_()
+        net.fc.bias.copy_(torch.tensor([0.0, 0, 0, 0.1, 0.5, 0.7, 0.5]))
+    return net
+
+
+def test_a_nan_gradient_under_a_finite_loss_never_reaches_the_weights():
+    """torchvision's CIoU on a zero-height box: a finite loss (1.1) and a NaN gradient. Every
+    step of this one-step epoch is skipped, so the run stops, the weights untouched."""
+    from torchvision.ops import complete_box_iou_loss as torchvision_ciou
+    net = flat_box_net()
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(TrainingError, match="non-finite loss or gradient in epoch 1, 1 step"):
+        tiny_run([tiny_batch(1)], model=net,
+                 criterion_box=lambda p, t: torchvision_ciou(p, t, reduction="mean"))
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_with_a_message():
+    """Checked every check_every steps: it stops at the first check that finds them all
+    skipped, without running the rest of the epoch."""
+    batches = [tiny_batch(2, nan=True)] * 25
+    net = TinyNet()
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(TrainingError, match="epoch 1, 20 step.s. in a row .*none of them changed the weights"):
+        tiny_run(batches, model=net, check_every=20)
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16 autocast"])
+def test_degenerate_boxes_train_with_finite_loss_and_gradients(amp):
+    """The training path with our CIoU: a zero-height box head (what bfloat16 ties give)
+    trains without a skipped step, every loss and gradient finite."""
+    net, _, res = tiny_run([tiny_batch(1), tiny_batch(2)], model=flat_box_net(), amp=amp)
+    assert res["skipped_steps"] == 0
+    assert all(math.isfinite(res[m]) for m in train.METRICS)
+    for p in net.parameters():
+        assert torch.isfinite(p).all() and torch.isfinite(p.grad).all()
 
 
 def test_resume_errors(tiny_data, tmp_path):
@@ -136,8 +217,11 @@ def test_resume_errors(tiny_data, tmp_path):
 
 
 def run_cli(data_dir, out_dir, *extra):
+    # The CPU, since the kill is timed from an epoch's length; a small HW5Net, since what
+    # is tested is where training stops and starts again, not the network.
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data_dir", data_dir, "--out_dir",
-           out_dir, "--batch_size", "4", "--epochs", "3", "--quiet", *extra]
+           out_dir, "--batch_size", "4", "--epochs", "3", "--device", "cpu", "--quiet",
+           "--width", "2", "--n_blocks", "1", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -149,13 +233,16 @@ def test_resume_after_kill_reproduces_the_uninterrupted_history(tiny_data, tmp_p
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     proc = run_cli(tiny_data, full)
     assert proc.wait(timeout=600) == 0, proc.stdout.read()
-    # Second run: SIGKILL shortly after the epoch-1 checkpoint lands, inside epoch 2.
+    with open(os.path.join(full, "history.json")) as f:
+        epoch_seconds = json.load(f)["epoch_seconds"]
+    # Second run: SIGKILL inside epoch 2, a third of an epoch after the epoch-1 checkpoint
+    # lands (an epoch's training steps take most of its time, on any machine).
     proc = run_cli(tiny_data, killed)
     ckpt = os.path.join(killed, "checkpoint.pt")
     deadline = time.time() + 300
     while not os.path.exists(ckpt) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(1.0)
+        time.sleep(0.01)
+    time.sleep(min(epoch_seconds[1:]) / 3)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     with open(os.path.join(killed, "history.json")) as f:
@@ -163,13 +250,26 @@ def test_resume_after_kill_reproduces_the_uninterrupted_history(tiny_data, tmp_p
     proc = run_cli(tiny_data, killed, "--resume")
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, output
-    assert "resumed from" in output
+    assert "resumed from" in output and "after epoch 1" in output
     with open(os.path.join(full, "history.json")) as f:
         expected = comparable(json.load(f))
     with open(os.path.join(killed, "history.json")) as f:
         got = comparable(json.load(f))
     assert len(got["train"]["accuracy"]) == 3
     assert got == expected
+
+
+def test_resume_is_exact_with_worker_processes(tiny_data, tmp_path):
+    """--workers 2 with --augment: the workers' seeds come from the shuffle generator each
+    epoch, in the uninterrupted run and after the resume alike. (A small HW5Net: what is
+    tested is the order of the batches and the flips, not the network.)"""
+    common = ["--workers", "2", "--augment", "--loss", "mse", "--width", "2", "--n_blocks", "1"]
+    full = train.main(args_for(tiny_data, str(tmp_path / "full"), "--epochs", "3", *common))
+    part = str(tmp_path / "part")
+    train.main(args_for(tiny_data, part, "--epochs", "1", *common))
+    resumed = train.main(args_for(tiny_data, part, "--epochs", "3", "--resume", *common))
+    assert len(resumed["train"]["accuracy"]) == 3
+    assert comparable(resumed) == comparable(full)
 
 
 def test_val_fraction_holds_out_part_of_the_training_set(tiny_data):

@@ -99,6 +99,64 @@ def test_ciou_gradient_reaches_input_and_matches_finite_differences():
     torch.testing.assert_close(p.grad, numeric, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-7), (torch.float64, 1e-15)])
+def test_ciou_equals_torchvisions_on_ordinary_boxes(dtype, tol):
+    """The report's loss: on boxes of positive width and height, ours is torchvision's
+    complete_box_iou_loss, value and gradient, up to float rounding."""
+    from torchvision.ops import complete_box_iou_loss as torchvision_ciou
+    g = torch.Generator().manual_seed(5)
+    p, t = random_valid_boxes(400, g).to(dtype), random_valid_boxes(400, g).to(dtype)
+    p[:50] = t[:50]  # equal to the target
+    p[50:100, 2:] = p[50:100, :2] + 1e-4  # tiny
+    p.requires_grad_(True)
+    ours = utils.complete_box_iou_loss(p, t, reduction="none")
+    theirs = torchvision_ciou(p, t, reduction="none")
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=tol)
+    g_ours, = torch.autograd.grad(ours.sum(), p)
+    g_theirs, = torch.autograd.grad(theirs.sum(), p)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=tol * 10, atol=tol * 10)
+
+
+TARGET = [0.2, 0.3, 0.6, 0.8]
+DEGENERATE = {
+    "zero height": [0.1, 0.5, 0.7, 0.5],
+    "zero width": [0.4, 0.1, 0.4, 0.9],
+    "point": [0.3, 0.3, 0.3, 0.3],
+    "all zeros": [0.0, 0.0, 0.0, 0.0],
+    "equal to the target": TARGET,
+    "outside the image": [1.5, 1.5, 2.0, 2.5],
+    "inverted": [0.6, 0.8, 0.2, 0.3],
+    "inverted, zero height": [0.7, 0.5, 0.1, 0.5],
+    "tiny height": [0.1, 1e-25, 0.7, 3e-25],
+    "tiny point": [1e-30, 1e-30, 2e-30, 2e-30],
+}
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16 autocast"])
+@pytest.mark.parametrize("case", DEGENERATE)
+def test_ciou_and_its_gradient_are_finite_for_any_box(case, amp):
+    """torchvision's loss gives a NaN gradient at zero height and a NaN loss at a point; a
+    bfloat16 box head produces such boxes (y1 == y2) in about 1.5% of batches."""
+    pred = torch.tensor([DEGENERATE[case]] * 2, dtype=torch.bfloat16 if amp else torch.float32)
+    target = torch.tensor([TARGET, [0.0, 0.0, 1.0, 1.0]])
+    for order in (True, False):
+        p = pred.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = CompleteIOULoss(order=order)(p, target)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(p.grad).all(), (case, order, loss, p.grad)
+
+
+def test_ciou_at_zero_height_is_the_limit_of_thin_boxes():
+    """The zero-height value is where the ordinary one goes as the height shrinks: no jump."""
+    t = torch.tensor([TARGET], dtype=torch.float64)
+    flat = utils.complete_box_iou_loss(torch.tensor([[0.1, 0.5, 0.7, 0.5]], dtype=torch.float64), t)
+    thin = utils.complete_box_iou_loss(torch.tensor([[0.1, 0.5, 0.7, 0.5 + 1e-9]], dtype=torch.float64), t)
+    assert float(flat) == pytest.approx(float(thin), abs=1e-7)
+    assert 1.0 < float(flat) < 2.0
+
+
 def test_confusion_matrix_counts():
     labels = torch.tensor([0, 0, 1, 2, 2, 2, 1])
     preds = torch.tensor([0, 1, 1, 2, 0, 2, 1])
