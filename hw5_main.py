@@ -4,8 +4,8 @@
     python hw5_main.py --demo --out_dir runs/demo                  # no COCO: synthetic data, ~10 min on 2 CPU cores
 
 Trains both models (train.py), evaluates the best of each on the training and test
-splits, and writes into OUT: ciou/ and mse/ (best_model.pt, checkpoint.pt,
-history.json), the confusion matrices, prediction grids and training curves of the
+splits, and writes into OUT: ciou/ and mse/ (best_model.pt and history.json; checkpoint.pt
+while a model trains), the confusion matrices, prediction grids and training curves of the
 report's Figs. 14-20, model_sum.txt, results.json and results.md (the run's numbers
 beside the report's, with the mean-box baseline and the settings).
 """
@@ -20,8 +20,9 @@ import torch
 
 from Dataset import DatasetError, build_dataset
 from network import count_parameters, model_summary
-from train import (TrainingError, add_training_args, build_model, load_checkpoint, load_datasets,
-                   load_model_state, loader, make_criteria, pick_device, seed_everything, train)
+from train import (DeviceBatches, RunFiles, TrainingError, add_training_args, build_model,
+                   load_checkpoint, load_datasets, load_model_state, make_criteria, pick_device,
+                   seed_everything, train)
 from utils import (box_iou_per_image, display_preds, evaluation, plot_cm, plot_history,
                    write_json, write_text)
 
@@ -78,10 +79,10 @@ def run_model(key, loss_name, datasets, out_dir, args, device):
     Returns (results per split, history)."""
     train_set, test_set, val_set = datasets
     run_dir = os.path.join(out_dir, key)
-    # With --resume, a model that has a checkpoint continues (or, finished, is only
-    # evaluated); one that never started starts.
-    args = argparse.Namespace(**{**vars(args), "loss": key, "resume": args.resume and os.path.exists(
-        os.path.join(run_dir, "checkpoint.pt"))})
+    # With --resume, a model that has started continues (or, finished, is only evaluated);
+    # one that never started starts.
+    args = argparse.Namespace(**{**vars(args), "loss": key,
+                                 "resume": args.resume and RunFiles(run_dir).holds_a_run()})
     seed_everything(args.seed)  # both models start from the same seeded weights
     model = build_model(args)
     model, history = train(model, train_set, test_set, run_dir, args, device, val_set,
@@ -94,7 +95,7 @@ def run_model(key, loss_name, datasets, out_dir, args, device):
         splits["val"] = val_set
     results = {}
     for split, data in splits.items():
-        cm, res = evaluation(model, loader(data, args.eval_batch_size, False, device),
+        cm, res = evaluation(model, DeviceBatches(data, args.eval_batch_size, device),
                              criterion_cls, criterion_box, device, order=not args.raw_boxes,
                              amp=args.amp)
         results[split] = {k: v for k, v in res.items() if k != "predictions"}
@@ -139,7 +140,8 @@ def results_markdown(results):
                    f"gradient" if r["skipped_steps"] else "")
         lines.append(f"- {name}: best epoch {r['best_epoch']} of {r['epochs_trained']} "
                      f"(selected on {r['select_on']}); {r['train_seconds']:.0f} s of epochs (training and "
-                     f"per-epoch evaluation, checkpoint writes not counted){skipped}")
+                     f"per-epoch evaluation), {r['save_seconds']:.1f} s writing {r['files_written']} "
+                     f"checkpoint and best-model files{skipped}")
     lines += ["", "## Settings", ""]
     for k in ("device", "data_dir", "n_train", "n_test", "n_val", "epochs", "batch_size", "lr",
               "betas", "seed", "boxes", "backward", "augment", "amp", "learnable_res", "torch",
@@ -208,9 +210,9 @@ def main(args):
     out_dir = args.out_dir
     if not args.resume:
         for key, _ in MODELS:
-            if os.path.exists(os.path.join(out_dir, key, "checkpoint.pt")):
-                raise TrainingError(f"{out_dir} already holds a run ({key}/checkpoint.pt); pass "
-                                    f"--resume to continue it, or choose another --out_dir")
+            if RunFiles(os.path.join(out_dir, key)).holds_a_run():
+                raise TrainingError(f"{out_dir} already holds a run ({key}/); pass --resume to "
+                                    f"continue it, or choose another --out_dir")
     device = pick_device(args.device)
     args.data_dir = prepare_demo_data(out_dir, args) if args.demo else args.data_dir
     datasets = load_datasets(args, progress=not args.quiet)  # bad data stops before OUT is made
@@ -227,13 +229,16 @@ def main(args):
     log.info("mean-box baseline: test mean IoU %.3f", results["baseline"]["mean_box_test_iou"])
     for key, loss_name in MODELS:
         res, history = run_model(key, loss_name, datasets, out_dir, args, device)
-        # Epoch times (training and the per-epoch evaluation) summed over the whole
-        # run, a resumed one included; checkpoint writes are not in them.
+        # Epoch times (training and the per-epoch evaluation) and file writes, each summed
+        # over the whole run, a resumed one included.
+        saves = history.get("save_seconds", [])
         results[key] = {**res, "best_epoch": history["best_epoch"],
                         "best_score": history["best_score"], "select_on": history["select_on"],
                         "epochs_trained": len(history["epoch_seconds"]),
                         "skipped_steps": sum(history.get("skipped_steps", [])),
-                        "train_seconds": round(sum(history["epoch_seconds"]), 1)}
+                        "train_seconds": round(sum(history["epoch_seconds"]), 1),
+                        "save_seconds": round(sum(w["seconds"] for w in saves), 1),
+                        "files_written": len(saves)}
     results["report"] = REPORT
     results["settings"] = {
         "demo": args.demo, "device": str(device), "data_dir": args.data_dir,

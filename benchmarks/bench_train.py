@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference  # noqa: E402
 from Dataset import MyCOCODataset, build_dataset  # noqa: E402
 from network import HW5Net  # noqa: E402
-from train import get_args_parser as train_args, loader, make_criteria, make_optimizer  # noqa: E402
+from train import DeviceBatches, get_args_parser as train_args, make_criteria, make_optimizer  # noqa: E402
 from train import pick_device, reuse_freed_memory, seed_everything, train_one_epoch  # noqa: E402
 from utils import evaluation, order_boxes  # noqa: E402
 
@@ -126,7 +126,7 @@ def child_train(kind, data_dir, device, repeats, amp):
         model = new_model(device)
         opt = make_optimizer(model, train_args(False).parse_args([]), device)
         cls, box, _ = make_criteria("ciou")
-        data = loader(train_set, 16, True, device, torch.Generator().manual_seed(0))
+        data = DeviceBatches(train_set, 16, device, shuffle=True, generator=torch.Generator().manual_seed(0))
         run = lambda: train_one_epoch(model, data, opt, cls, box, device, 0,  # noqa: E731
                                       single_backward=kind.startswith("single"), amp=amp, progress=False)
     med, times = timed(run, device, repeats)
@@ -148,7 +148,7 @@ def child_eval(kind, data_dir, device, repeats):
         run = lambda: reference.evaluation(model, data, ce, ciou, device)  # noqa: E731
     else:
         reuse_freed_memory()
-        data = loader(MyCOCODataset(data_dir, train=False), 64, False, device)
+        data = DeviceBatches(MyCOCODataset(data_dir, train=False), 64, device)
         cls, box, _ = make_criteria("ciou")
         run = lambda: evaluation(model, data, cls, box, device)  # noqa: E731
     med, times = timed(run, device, repeats)

@@ -35,22 +35,50 @@ def args_for(data_dir, out_dir, *extra):
         ["--data_dir", data_dir, "--out_dir", out_dir, "--batch_size", "4", "--quiet", *extra])
 
 
-def test_one_epoch_writes_history_checkpoint_and_best_model(tiny_data, tmp_path):
+SMALL = ["--width", "2", "--n_blocks", "1"]  # a small HW5Net where the network is not what is tested
+
+
+def test_a_finished_run_keeps_best_model_and_history_with_its_settings(tiny_data, tmp_path):
+    """No checkpoint.pt is left (2.5 GB for the full HW5Net); history.json holds the
+    metrics and the settings, from which the best model can be rebuilt and loaded; the
+    run is neither retrained nor overwritten, and cannot grow without a checkpoint."""
     out = str(tmp_path / "run")
-    history = train.main(args_for(tiny_data, out, "--epochs", "1", "--loss", "mse"))
+    history = train.main(args_for(tiny_data, out, "--epochs", "2", "--loss", "mse", *SMALL))
+    assert sorted(os.listdir(out)) == ["best_model.pt", "history.json"]
     with open(os.path.join(out, "history.json")) as f:
         saved = json.load(f)
-    assert saved == json.loads(json.dumps(history))
+    assert saved == json.loads(json.dumps(history)) and saved["finished"] is True
     for split in ("train", "test"):
         for metric in train.METRICS:
-            assert len(saved[split][metric]) == 1
-    assert saved["best_epoch"] == 1 and saved["loss"] == "MSE" and saved["select_on"] == "test"
-    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["args"]["loss"] == "mse"
-    model = HW5Net()
+            assert len(saved[split][metric]) == 2
+    assert saved["loss"] == "MSE" and saved["select_on"] == "test" and saved["best_epoch"] in (1, 2)
+    assert [w["file"] for w in saved["save_seconds"]] == ["best_model.pt"]  # once, at the end
+    settings = saved["settings"]
+    assert settings["loss"] == "mse" and settings["epochs"] == 2 and settings["device"] == str(train.pick_device("auto"))
+    model = HW5Net(width=settings["width"], n_blocks=settings["n_blocks"], learnable_res=settings["learnable_res"])
     model.load_state_dict(torch.load(os.path.join(out, "best_model.pt"), weights_only=True))
-    with pytest.raises(TrainingError, match="already holds a run"):
-        train.main(args_for(tiny_data, out, "--epochs", "1"))
+
+    with pytest.raises(TrainingError, match="already holds a run .history.json."):
+        train.main(args_for(tiny_data, out, "--epochs", "2", *SMALL))
+    mtime = os.path.getmtime(os.path.join(out, "best_model.pt"))
+    again = train.main(args_for(tiny_data, out, "--epochs", "2", "--resume", *SMALL))
+    assert again == saved and os.path.getmtime(os.path.join(out, "best_model.pt")) == mtime
+    with pytest.raises(TrainingError, match="finished its 2 epochs and its checkpoint.pt was removed .*--keep_checkpoint"):
+        train.main(args_for(tiny_data, out, "--epochs", "3", "--resume", *SMALL))
+
+
+def test_checkpoints_every_epoch_with_zero_minutes_and_none_in_a_short_run_by_default(tiny_data, tmp_path):
+    every = train.main(args_for(tiny_data, str(tmp_path / "every"), "--epochs", "3", *SMALL,
+                                "--checkpoint_minutes", "0", "--keep_checkpoint"))
+    written = [(w["epoch"], w["file"]) for w in every["save_seconds"]]
+    assert [w for w in written if w[1] == "checkpoint.pt"] == [(1, "checkpoint.pt"), (2, "checkpoint.pt"),
+                                                              (3, "checkpoint.pt")]
+    assert all(w["seconds"] >= 0 and w["background"] is False for w in every["save_seconds"])
+    ckpt = torch.load(str(tmp_path / "every" / "checkpoint.pt"), weights_only=True)
+    assert ckpt["epoch"] == 3 and ckpt["args"]["loss"] == "ciou"
+    default = train.main(args_for(tiny_data, str(tmp_path / "default"), "--epochs", "3", *SMALL))
+    assert [w["file"] for w in default["save_seconds"]] == ["best_model.pt"]
+    assert not os.path.exists(tmp_path / "default" / "checkpoint.pt")
 
 
 def test_single_and_dual_backward_give_the_same_gradients():
@@ -203,7 +231,7 @@ def test_degenerate_boxes_train_with_finite_loss_and_gradients(amp):
 
 def test_resume_errors(tiny_data, tmp_path):
     out = str(tmp_path / "run")
-    with pytest.raises(TrainingError, match="no checkpoint at .*checkpoint.pt"):
+    with pytest.raises(TrainingError, match="nothing to resume in .*run: no checkpoint.pt or history.json"):
         train.main(args_for(tiny_data, out, "--resume"))
     os.makedirs(out, exist_ok=True)
     torch.save({"model": {"foo": torch.zeros(1)}, "optimizer": {}, "epoch": 1, "history": {},
@@ -214,6 +242,11 @@ def test_resume_errors(tiny_data, tmp_path):
         f.write(b"not a checkpoint")
     with pytest.raises(TrainingError, match="not a readable checkpoint"):
         train.main(args_for(tiny_data, out, "--resume"))
+    os.remove(os.path.join(out, "checkpoint.pt"))
+    with open(os.path.join(out, "history.json"), "w") as f:
+        f.write('{"train": ')  # cut short
+    with pytest.raises(TrainingError, match="history.json is not a readable history"):
+        train.main(args_for(tiny_data, out, "--resume"))
 
 
 def run_cli(data_dir, out_dir, *extra):
@@ -221,12 +254,13 @@ def run_cli(data_dir, out_dir, *extra):
     # is tested is where training stops and starts again, not the network.
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data_dir", data_dir, "--out_dir",
            out_dir, "--batch_size", "4", "--epochs", "3", "--device", "cpu", "--quiet",
-           "--width", "2", "--n_blocks", "1", *extra]
+           "--checkpoint_minutes", "0", *SMALL, *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def comparable(history):
-    return {k: v for k, v in history.items() if k != "epoch_seconds"}
+    """What two runs must share: not timings, nor the settings (paths, --resume)."""
+    return {k: v for k, v in history.items() if not k.endswith("_seconds") and k != "settings"}
 
 
 def test_resume_after_kill_reproduces_the_uninterrupted_history(tiny_data, tmp_path):
@@ -259,17 +293,17 @@ def test_resume_after_kill_reproduces_the_uninterrupted_history(tiny_data, tmp_p
     assert got == expected
 
 
-def test_resume_is_exact_with_worker_processes(tiny_data, tmp_path):
-    """--workers 2 with --augment: the workers' seeds come from the shuffle generator each
-    epoch, in the uninterrupted run and after the resume alike. (A small HW5Net: what is
-    tested is the order of the batches and the flips, not the network.)"""
-    common = ["--workers", "2", "--augment", "--loss", "mse", "--width", "2", "--n_blocks", "1"]
+def test_a_finished_run_kept_with_its_checkpoint_trains_further_exactly(tiny_data, tmp_path):
+    """--keep_checkpoint, then --resume with a larger --epochs, with --augment: the batch
+    order and the flips of the later epochs are those of an uninterrupted run."""
+    common = ["--augment", "--loss", "mse", *SMALL]
     full = train.main(args_for(tiny_data, str(tmp_path / "full"), "--epochs", "3", *common))
     part = str(tmp_path / "part")
-    train.main(args_for(tiny_data, part, "--epochs", "1", *common))
+    train.main(args_for(tiny_data, part, "--epochs", "1", "--keep_checkpoint", *common))
     resumed = train.main(args_for(tiny_data, part, "--epochs", "3", "--resume", *common))
     assert len(resumed["train"]["accuracy"]) == 3
     assert comparable(resumed) == comparable(full)
+    assert not os.path.exists(os.path.join(part, "checkpoint.pt"))  # finished, not kept this time
 
 
 def test_val_fraction_holds_out_part_of_the_training_set(tiny_data):
@@ -349,3 +383,102 @@ def test_reuse_freed_memory_stops_refaulting_and_release_hands_back():
     assert faults["reuse"] < pages / 4  # at most one of the five blocks faults in again
     assert released["default"] < 16 * 2 ** 20  # nothing of that size was kept
     assert released["reuse"] > 48 * 2 ** 20  # the kept 64 MB block goes back
+
+
+# ---------------------------------------------------------------------------------
+# Batches from device memory
+# ---------------------------------------------------------------------------------
+def test_device_batches_in_order_are_the_datasets_items(tiny_data):
+    data = MyCOCODataset(tiny_data, train=True)
+    batches = list(train.DeviceBatches(data, 4, CPU))
+    assert len(batches) == math.ceil(len(data) / 4)
+    items = [data[i] for i in range(len(data))]
+    for key in ("image", "label", "bbox"):
+        torch.testing.assert_close(torch.cat([b[key] for b in batches]), torch.stack([it[key] for it in items]),
+                                   rtol=0, atol=0)
+    assert batches[0]["image"].dtype == torch.float32
+
+
+def test_device_batches_shuffle_and_flip_from_the_generator_alone(tiny_data):
+    """Each epoch shows every image once, in an order (and with flips) drawn from the
+    generator: the same generator state gives the same epoch; a flip mirrors image and
+    box as MyCOCODataset's torchvision flip does."""
+    data = MyCOCODataset(tiny_data, train=True)
+    generator = torch.Generator().manual_seed(0)
+    batches = train.DeviceBatches(data, 4, CPU, shuffle=True, generator=generator, augment=True,
+                                  drop_last=True)
+    assert len(batches) == len(data) // 4
+    state = generator.get_state()
+    first = list(batches)
+    generator.set_state(state)
+    torch.manual_seed(123)  # the global generator plays no part
+    again = list(batches)
+    for a, b in zip(first, again):
+        assert all(torch.equal(a[k], b[k]) for k in ("image", "label", "bbox"))
+    assert not torch.equal(torch.cat([b["label"] for b in first]), data.labels[:len(data) // 4 * 4])
+    always = MyCOCODataset(tiny_data, train=True, augment=True)
+    always._flip.p = 1.0
+    n_flipped = 0
+    for batch in first:
+        for image, label, box in zip(batch["image"], batch["label"], batch["bbox"]):
+            i = next(j for j in range(len(data)) if torch.equal(
+                data.images[j].float() / 255, image) or torch.equal(always[j]["image"], image))
+            flipped = not torch.equal(data.images[i].float() / 255, image)
+            expected = always[i] if flipped else data[i]
+            n_flipped += flipped
+            assert torch.equal(expected["image"], image) and int(expected["label"]) == int(label)
+            torch.testing.assert_close(expected["bbox"], box)
+    assert 0 < n_flipped < len(first) * 4
+
+
+# ---------------------------------------------------------------------------------
+# Checkpoint files
+# ---------------------------------------------------------------------------------
+def test_commit_best_finds_the_checkpoints_best_model(tmp_path):
+    """A kill between writing the checkpoint and renaming its best model: resuming puts
+    that best model in place. A .next file no checkpoint names (a later write that did
+    not finish) is removed, and best_model.pt stays."""
+    files = train.RunFiles(str(tmp_path))
+    torch.save({"w": torch.zeros(1)}, files.best)
+    torch.save({"w": torch.ones(1)}, files.best_next(3))
+    files.commit_best({"best_model_next": os.path.basename(files.best_next(3))})
+    assert torch.load(files.best)["w"].item() == 1.0 and sorted(os.listdir(tmp_path)) == ["best_model.pt"]
+    torch.save({"w": torch.full((1,), 2.0)}, files.best_next(5))
+    files.commit_best({"epoch": 4})
+    assert torch.load(files.best)["w"].item() == 1.0 and sorted(os.listdir(tmp_path)) == ["best_model.pt"]
+
+
+def test_background_writer_writes_in_order_and_reports_failures(tmp_path):
+    files = train.RunFiles(str(tmp_path / "run"))
+    os.makedirs(files.out_dir)
+    writer = train.CheckpointWriter(files, background=True)
+    writer.write(2, {"epoch": 2, "weights": torch.ones(3)}, best_state={"w": torch.ones(2)})
+    done = writer.wait()
+    assert [(d["epoch"], d["file"], d["background"]) for d in done] == [
+        (2, "best_model.pt", True), (2, "checkpoint.pt", True)]
+    assert sorted(os.listdir(files.out_dir)) == ["best_model.pt", "checkpoint.pt"]
+    ckpt = torch.load(files.checkpoint)
+    assert ckpt["best_model_next"] == "best_model.pt.next2" and torch.equal(ckpt["weights"], torch.ones(3))
+    os.rename(files.out_dir, str(tmp_path / "gone"))  # the folder disappears under the run
+    writer.write(3, {"epoch": 3})
+    with pytest.raises(TrainingError, match="writing a checkpoint in .*run failed: .*does not exist"):
+        writer.wait()
+
+
+def test_gpu_options_set_and_leave_the_report_defaults(monkeypatch):
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    try:
+        train.set_gpu_options()
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (False, True)
+        train.set_gpu_options(cudnn_benchmark=True)
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
+    matmul = torch.backends.cuda.matmul
+    key = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, key)
+    try:
+        train.set_gpu_options(tf32=True)
+        assert getattr(matmul, key) in ("tf32", True)
+    finally:
+        setattr(matmul, key, before)
