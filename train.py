@@ -219,14 +219,15 @@ class DeviceBatches:
             order, flips = torch.arange(n, device=self.device), None
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start:start + self.batch_size]
-            images = self.images[index].float().div_(255.0)
-            boxes = self.boxes[index]
+            # index_select: on the CPU, advanced indexing of uint8 images is ten times slower.
+            images = self.images.index_select(0, index).float().div_(255.0)
+            boxes = self.boxes.index_select(0, index)
             if flips is not None:
                 flip = flips[start:start + self.batch_size]
                 images = torch.where(flip[:, None, None, None], images.flip(-1), images)
                 mirrored = torch.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], dim=1)
                 boxes = torch.where(flip[:, None], mirrored, boxes)
-            yield {"image": images, "label": self.labels[index], "bbox": boxes}
+            yield {"image": images, "label": self.labels.index_select(0, index), "bbox": boxes}
 
 
 def split_train_val(files, fraction, seed):

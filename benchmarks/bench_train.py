@@ -18,6 +18,11 @@ Sections:
           reuse_freed_memory). Ours decodes the images once, before the first epoch;
           that one-off cost is printed on its own.
   eval    images/s of one evaluation pass over the test split.
+  feed    seconds per training batch of feeding alone (no model): the DataLoader over
+          MyCOCODataset's items (index each, convert, collate, and pin for a GPU: the path
+          before train.DeviceBatches) against DeviceBatches (one index into the images in
+          device memory, one conversion), and the bytes and seconds of one checkpoint.pt
+          and one best_model.pt of HW5Net written to the data's folder.
   limit   FLOPs of one training step (counted by torch.utils.flop_counter) over the
           measured fp32 GEMM rate, plus the optimizer's memory traffic over the measured
           memory bandwidth (the best of three streaming kernels): the step time this
@@ -231,6 +236,45 @@ def step_flops(device, batch=16):
     return counter.get_total_flops(), sum(p.numel() for p in model.parameters())
 
 
+def bench_feed(data_dir, device, repeats):
+    """Host seconds per batch of 16 of the two feeding paths (device work waited for), and
+    the cost of writing a checkpoint and a best model. Malloc keeps freed blocks, as in
+    train() (otherwise each batch's 12.6 MB faults in anew, whichever the path)."""
+    reuse_freed_memory()
+    train_set = MyCOCODataset(data_dir, train=True)
+    gen = torch.Generator().manual_seed(0)
+    old = torch.utils.data.DataLoader(train_set, batch_size=16, shuffle=True, generator=gen,
+                                      pin_memory=device.type == "cuda")
+    new = DeviceBatches(train_set, 16, device, shuffle=True, generator=gen)
+
+    def epoch(batches, move):
+        for batch in batches:
+            if move:
+                batch["image"].to(device, non_blocking=True)
+        sync(device)
+
+    res = {}
+    for name, batches, move in (("DataLoader (workers 0)", old, True), ("DeviceBatches", new, False)):
+        med, _ = timed(lambda: epoch(batches, move), device, repeats)  # noqa: B023
+        res[name] = {"seconds_per_batch": med / len(batches)}
+    model = new_model(device)
+    opt = make_optimizer(model, train_args(False).parse_args([]), device)
+    one_step = next(iter(new))
+    logits, box = model(one_step["image"])
+    (logits.sum() + box.sum()).backward()
+    opt.step()  # Adam's moments exist
+    from train import checkpoint_state, save_atomic
+    for name, obj in (("checkpoint.pt", lambda: checkpoint_state(model, opt, 1, {}, gen, device,
+                                                                 argparse.Namespace())),
+                      ("best_model.pt", model.state_dict)):
+        path = os.path.join(data_dir, name)
+        t0 = time.perf_counter()
+        save_atomic(obj(), path)
+        res[name] = {"seconds": time.perf_counter() - t0, "bytes": os.path.getsize(path)}
+        os.remove(path)
+    return res
+
+
 def bench_limit(device, train_results):
     flops, n_params = step_flops(device)
     rate = gemm_rate(device)
@@ -271,6 +315,13 @@ def print_results(res):
         for name, r in res["eval"].items():
             extra = f"  {r['speedup']:.2f}x the reference" if "speedup" in r else ""
             print(f"  {name:42s} {r['seconds']:7.2f} s {r['images_per_s']:7.1f} images/s{extra}")
+    if "feed" in res:
+        print("\nfeeding, host seconds per training batch of 16 (no model):")
+        for name in ("DataLoader (workers 0)", "DeviceBatches"):
+            print(f"  {name:42s} {1e3 * res['feed'][name]['seconds_per_batch']:7.2f} ms")
+        for name in ("checkpoint.pt", "best_model.pt"):
+            r = res["feed"][name]
+            print(f"  writing {name:34s} {r['seconds']:7.2f} s for {r['bytes'] / gb:.2f} GB")
     if "limit" in res:
         lim = res["limit"]
         print("\nlimit of one training step (batch 16):")
@@ -290,7 +341,7 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sections", nargs="+", default=["train", "eval", "limit"],
-                   choices=["train", "eval", "limit"], help="what to measure")
+                   choices=["train", "eval", "feed", "limit"], help="what to measure")
     p.add_argument("--data_dir", help="a dataset built by Dataset.py (default: a synthetic one, "
                                       "made in a temporary folder)")
     p.add_argument("--n_train", type=int, default=200, help="synthetic train images (before the filter)")
@@ -325,6 +376,8 @@ def main(args):
         res["train"] = bench_train(data_dir, args)
     if "eval" in args.sections:
         res["eval"] = bench_eval(data_dir, args)
+    if "feed" in args.sections:
+        res["feed"] = bench_feed(data_dir, device, args.repeats)
     if "limit" in args.sections:
         res["limit"] = bench_limit(device, res.get("train"))
     print(f"device {res['device']}, torch {res['torch']}, {res['threads']} threads, {res['date']}")
