@@ -140,8 +140,8 @@ def results_markdown(results):
                    f"gradient" if r["skipped_steps"] else "")
         lines.append(f"- {name}: best epoch {r['best_epoch']} of {r['epochs_trained']} "
                      f"(selected on {r['select_on']}); {r['train_seconds']:.0f} s of epochs (training and "
-                     f"per-epoch evaluation), {r['save_seconds']:.1f} s writing {r['files_written']} "
-                     f"checkpoint and best-model files{skipped}")
+                     f"per-epoch evaluation), {r['save_seconds']:.1f} s writing files ({r['files_written']}: "
+                     f"checkpoints and the best model){skipped}")
     lines += ["", "## Settings", ""]
     for k in ("device", "data_dir", "n_train", "n_test", "n_val", "epochs", "batch_size", "lr",
               "betas", "seed", "boxes", "backward", "augment", "amp", "learnable_res", "torch",

@@ -5,8 +5,10 @@
 
 Defaults are the report's: Adam (lr 1e-3, betas 0.9/0.99), batch 16, 30 epochs, seed 0,
 two backward calls (the first with retain_graph=True), and after every epoch the best
-model kept by round(test accuracy, 3) + (1 - test box loss). OUT receives
-checkpoint.pt (after every epoch), best_model.pt (a state_dict), history.json.
+model kept by round(test accuracy, 3) + (1 - test box loss). OUT receives history.json
+(every epoch: metrics, timings, settings), best_model.pt (a state_dict) and, while the
+run trains, checkpoint.pt (every --checkpoint_minutes; removed when the run has finished
+unless --keep_checkpoint).
 """
 import argparse
 import contextlib

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -16,6 +15,7 @@ import train
 import utils
 from network import HW5Net
 from train import TrainingError
+from tiny import TinyNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -84,16 +84,6 @@ def test_train_py_with_an_unusable_device_exits_with_one_line(tmp_path):
 # ---------------------------------------------------------------------------------
 # Checkpoints: onto the CPU, then wherever the parameters are
 # ---------------------------------------------------------------------------------
-class TinyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(3 * 4 * 4, 7)
-
-    def forward(self, x):
-        out = self.fc(x.flatten(1))
-        return out[:, :3], out[:, 3:]
-
-
 def one_step(model, opt):
     x = torch.rand(4, 3, 4, 4)
     logits, box = model(x)
