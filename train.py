@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from Dataset import DatasetError, MyCOCODataset
 from network import HW5Net
-from utils import (CompleteIOULoss, accumulator_dtype, box_iou_per_image, evaluation, order_boxes,
-                   write_json)
+from utils import (CompleteIOULoss, accumulator_dtype, autocast, box_iou_per_image, evaluation,
+                   order_boxes, write_json)
 
 log = logging.getLogger("train")
 
@@ -80,14 +80,26 @@ def unusable_gpu_message():
         return None
     driver, driver_cuda = info
     gpu = f"NVIDIA driver {driver}" + (f", which supports CUDA up to {driver_cuda}" if driver_cuda else "")
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and hidden.strip() in ("", "-1"):
+        return (f"this machine has an NVIDIA GPU ({gpu}) but CUDA_VISIBLE_DEVICES={hidden!r} hides "
+                f"it from torch")
     if torch.version.cuda is None:
         why = f"torch {torch.__version__} is a build without CUDA"
+    elif driver_cuda and _version(torch.version.cuda) <= _version(driver_cuda):
+        return (f"this machine has an NVIDIA GPU ({gpu}) and torch {torch.__version__} was built "
+                f"for CUDA {torch.version.cuda}, which that driver supports, yet torch cannot use "
+                f"it: `python -c \"import torch; torch.cuda.init()\"` prints why")
     else:
         why = f"torch {torch.__version__} was built for CUDA {torch.version.cuda}"
     return (f"this machine has an NVIDIA GPU ({gpu}) but {why} and cannot use it: install the "
             f"torch build for the driver's CUDA version, e.g. `pip install torch torchvision "
             f"--index-url https://download.pytorch.org/whl/cu126` for CUDA 12.6 (README: "
             f"Installing torch for your machine), or update the driver")
+
+
+def _version(text):
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
 
 
 def pick_device(name="auto"):
@@ -250,16 +262,19 @@ class NonFiniteGuard:
     """Keeps a step whose loss or gradient is not finite from reaching the weights, with no
     host sync on a GPU. After the backward pass, check(loss) sets `found` on the device
     (1.0 when the loss or any gradient holds an inf or a NaN); step() then runs the
-    optimizer with it. Fused Adam takes it as found_inf, the device-side skip that
-    torch.amp.GradScaler uses: weights, moments and step count stay as they were. An
-    optimizer without fused support is stepped only after `found` is read on the host."""
+    optimizer with it. Fused Adam on CUDA or the CPU takes it as found_inf, the
+    device-side skip that torch.amp.GradScaler uses: weights, moments and step count stay
+    as they were. Elsewhere (MPS, Adam without a fused kernel) the optimizer is stepped
+    only after `found` is read on the host."""
 
     def __init__(self, optimizer, device):
         self.optimizer = optimizer
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.found = torch.zeros((), device=device)
         self.one = torch.ones((), device=device)
-        self.device_side = bool(optimizer.defaults.get("fused"))
+        # Fused Adam honours found_inf on CUDA and the CPU; MPS's kernel has not always (it
+        # ignored or refused it in some torch releases), so there the flag is read first.
+        self.device_side = bool(optimizer.defaults.get("fused")) and torch.device(device).type in ("cuda", "cpu")
         self.foreach_check = True
 
     def check(self, loss):
@@ -306,7 +321,7 @@ def train_one_epoch(model, data, optimizer, criterion_cls, criterion_box, device
         labels = batch["label"].to(device, non_blocking=True)
         boxes = batch["bbox"].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, amp):
             logits, raw = model(images)
         logits, raw = logits.float(), raw.float()
         pred_box = order_boxes(raw) if order else raw
@@ -336,8 +351,9 @@ def train_one_epoch(model, data, optimizer, criterion_cls, criterion_box, device
                 raise TrainingError(
                     f"non-finite loss or gradient in epoch {epoch}, {n_streak} step(s) in a row "
                     f"(the last: cross-entropy {float(ce.detach())}, box loss "
-                    f"{float(box_loss.detach())}); none of them changed the weights. Stopped; the "
-                    f"last checkpoint is kept (try a lower --lr)")
+                    f"{float(box_loss.detach())}); none of them changed the weights. Stopped; OUT "
+                    f"keeps the best model so far and the last checkpoint, if one was written "
+                    f"(try a lower --lr)")
             bar.set_postfix(ce=f"{means[0]:.3f}", box=f"{means[1]:.3f}", acc=f"{means[2]:.3f}")
     means = (sums[:4] / sums[4]).tolist()
     return {**dict(zip(METRICS, means)), "skipped_steps": int(skipped)}
@@ -383,7 +399,12 @@ def set_rng_state(state, loader_generator, device):
                          s["cached_gaussian"]))
     own = device_rng(device)
     if own is not None and device.type in state:
-        own[1](state[device.type])
+        saved = state[device.type]
+        if isinstance(saved, (list, tuple)):  # older checkpoints: every CUDA device's state
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            saved = saved[index] if index < len(saved) else None
+        if saved is not None:
+            own[1](saved)
 
 
 def save_atomic(obj, path):
@@ -432,13 +453,18 @@ def checkpoint_state(model, optimizer, epoch, history, generator, device, args):
                      if isinstance(v, (int, float, str, bool, type(None)))}}
 
 
-def resume_from(path, model, optimizer, generator, device):
-    """Load checkpoint.pt onto the CPU, then restore the model and Adam (moved to the
-    parameters' device) and every generator. Returns the checkpoint."""
-    ckpt = load_checkpoint(path)
+def restore(ckpt, path, model, optimizer, generator, device):
+    """Restore a checkpoint loaded onto the CPU (load_checkpoint): the model and Adam (moved
+    to the parameters' device) and every generator."""
     load_model_state(model, ckpt["model"], path)
     load_optimizer_state(optimizer, ckpt["optimizer"])
     set_rng_state(ckpt["rng"], generator, device)
+
+
+def resume_from(path, model, optimizer, generator, device):
+    """Load checkpoint.pt onto the CPU and restore() it. Returns the checkpoint."""
+    ckpt = load_checkpoint(path)
+    restore(ckpt, path, model, optimizer, generator, device)
     return ckpt
 
 
@@ -513,7 +539,7 @@ class CheckpointWriter:
             checkpoint["best_model_next"] = os.path.basename(self.files.best_next(epoch))
         if self.background:
             self.thread = threading.Thread(target=self._write, args=(epoch, checkpoint, best_state),
-                                           name="checkpoint-writer", daemon=True)
+                                           name="checkpoint-writer")
             self.thread.start()
         else:
             self._write(epoch, checkpoint, best_state)
@@ -581,20 +607,49 @@ def set_gpu_options(tf32=False, cudnn_benchmark=False):
     torch.backends.cudnn.deterministic = not cudnn_benchmark
 
 
-def finished_run(files, args, model):
-    """--resume on a run whose last epoch is done and whose checkpoint.pt is gone: nothing
-    to train. Returns (model with the best weights, history); a larger --epochs stops
-    with the reason, since only a checkpoint can train further."""
-    history = files.read_history()
+def finished_run(files, args, model, history):
+    """--resume on a run whose last epoch is done: nothing is trained or written. Returns
+    (model with the best weights, history). A larger --epochs needs the checkpoint that
+    --keep_checkpoint keeps; without it the run stops with the reason."""
     done = len(history.get("epoch_seconds", []))
     if args.epochs > done:
+        if os.path.exists(files.checkpoint):
+            return None  # kept: train on from it
         raise TrainingError(
             f"{files.out_dir} finished its {done} epochs and its checkpoint.pt was removed (runs "
             f"keep only best_model.pt unless --keep_checkpoint): it cannot train to --epochs "
             f"{args.epochs}; start a new run with --keep_checkpoint, or leave --epochs at {done}")
+    if not os.path.exists(files.best):
+        raise TrainingError(f"{files.out_dir} holds a finished run without its best_model.pt; "
+                            f"start a new run in another --out_dir")
+    if os.path.exists(files.checkpoint) and not history.get("settings", {}).get("keep_checkpoint"):
+        os.remove(files.checkpoint)  # left by a run stopped between its last two writes
     log.info("%s has finished its %d epochs: nothing to train", files.out_dir, done)
     load_model_state(model, load_checkpoint(files.best), files.best)
     return model, history
+
+
+# The settings that decide a run's course: a resumed run must have the same.
+TRAJECTORY = ("loss", "lr", "beta1", "beta2", "batch_size", "seed", "augment", "raw_boxes",
+              "single_backward", "val_fraction", "width", "n_blocks", "learnable_res", "amp")
+
+
+def check_resumable(ckpt, args, path):
+    saved = ckpt.get("args", {})
+    changed = [f"--{k} {saved[k]} (now {getattr(args, k)})" for k in TRAJECTORY
+               if k in saved and saved[k] != getattr(args, k)]
+    if changed:
+        raise TrainingError(f"{path} was written with " + ", ".join(changed) + "; resume with "
+                            f"the same settings, or start a new run in another --out_dir")
+    if ckpt["epoch"] > args.epochs:
+        raise TrainingError(f"{path} is at epoch {ckpt['epoch']}, past --epochs {args.epochs}")
+
+
+def remove_partial_writes(out_dir):
+    """Temporary files of writes a killed run left (a checkpoint's is 2.5 GB)."""
+    for name in os.listdir(out_dir):
+        if name.endswith(".tmp") and name.split(".")[0] in ("checkpoint", "best_model", "history"):
+            os.remove(os.path.join(out_dir, name))
 
 
 def train(model, train_set, test_set, out_dir, args, device, val_set=None, progress=True):
@@ -606,28 +661,37 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
     checkpoint.pt (model, Adam, history, every RNG state) after an epoch once
     args.checkpoint_minutes of training have passed since the last (0: after every
     epoch), written in the background on CUDA. best_model.pt is brought up to date with
-    each checkpoint and at the end. When the last epoch is done, checkpoint.pt is removed
-    unless args.keep_checkpoint. With args.resume the run continues from checkpoint.pt,
-    starts again if it stopped before its first checkpoint, and has nothing to do if it
-    had finished."""
+    each checkpoint, at the end, and when the run stops on an error. When the last epoch
+    is done, checkpoint.pt is removed unless args.keep_checkpoint. With args.resume the
+    run continues from checkpoint.pt, starts again if it stopped before its first
+    checkpoint, and has nothing to do if it had finished."""
     files = RunFiles(out_dir)
     if args.resume and not files.holds_a_run():
         raise TrainingError(f"nothing to resume in {out_dir}: no checkpoint.pt or history.json (run "
                             f"without --resume to start)")
     if files.holds_a_run() and not args.resume:
-        raise TrainingError(f"{out_dir} already holds a run ({'checkpoint.pt' if os.path.exists(files.checkpoint) else 'history.json'}); "
-                            f"pass --resume to continue it, or choose another --out_dir")
+        held = "checkpoint.pt" if os.path.exists(files.checkpoint) else "history.json"
+        raise TrainingError(f"{out_dir} already holds a run ({held}); pass --resume to continue it, "
+                            f"or choose another --out_dir")
+    if args.batch_size < 2 or len(train_set) < 2:
+        raise TrainingError(f"--batch_size {args.batch_size} with {len(train_set)} training images: "
+                            f"BatchNorm needs at least 2 images a batch")
     os.makedirs(out_dir, exist_ok=True)
-    if not args.system_malloc and reuse_freed_memory():
-        log.info("malloc keeps freed blocks for reuse (--system_malloc leaves it alone)")
+    remove_partial_writes(out_dir)
     seed_everything(args.seed)
     set_gpu_options(args.tf32, args.cudnn_benchmark)
     model.to(device)
-    if args.resume and not os.path.exists(files.checkpoint) and os.path.exists(files.history):
-        if files.read_history().get("finished"):
-            return finished_run(files, args, model)
-        log.info("%s has no checkpoint yet (the run stopped before its first): starting again "
-                 "from epoch 1", out_dir)
+    if args.resume and os.path.exists(files.history):
+        previous = files.read_history()
+        if previous.get("finished"):
+            done = finished_run(files, args, model, previous)
+            if done is not None:
+                return done
+        elif not os.path.exists(files.checkpoint):
+            log.info("%s has no checkpoint yet (the run stopped before its first): starting again "
+                     "from epoch 1", out_dir)
+    if device.type == "cpu" and not args.system_malloc and reuse_freed_memory():
+        log.info("malloc keeps freed blocks for reuse (--system_malloc leaves it alone)")
     optimizer = make_optimizer(model, args, device)
     criterion_cls, criterion_box, loss_name = make_criteria(args.loss)
     order = not args.raw_boxes
@@ -648,9 +712,11 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
                    best_score=None, select_on=select_on, loss=loss_name, finished=False)
     start_epoch = 1
     if args.resume and os.path.exists(files.checkpoint):
-        ckpt = resume_from(files.checkpoint, model, optimizer, generator, device)
+        ckpt = load_checkpoint(files.checkpoint)
+        check_resumable(ckpt, args, files.checkpoint)
+        restore(ckpt, files.checkpoint, model, optimizer, generator, device)
         files.commit_best(ckpt)
-        history = {**history, **ckpt["history"]}
+        history = {**history, **ckpt["history"], "finished": False}
         missing = len(history["epoch_seconds"]) - len(history["skipped_steps"])
         history["skipped_steps"] += [0] * missing  # a checkpoint from before they were counted
         start_epoch = ckpt["epoch"] + 1
@@ -667,51 +733,62 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
     writer = CheckpointWriter(files, background=device.type == "cuda")
     best_state = None  # the best epoch's weights, in host memory until best_model.pt has them
     since_checkpoint = time.perf_counter()
-    for epoch in range(start_epoch, args.epochs + 1):
-        t0 = time.perf_counter()
-        train_metrics = train_one_epoch(model, train_batches, optimizer, criterion_cls, criterion_box,
-                                        device, epoch, order, args.single_backward, args.amp, progress)
-        for m in METRICS:
-            history["train"][m].append(train_metrics[m])
-        history["skipped_steps"].append(train_metrics["skipped_steps"])
-        if train_metrics["skipped_steps"]:
-            log.warning("epoch %d: %d steps with a non-finite loss or gradient were skipped (the "
-                        "weights did not take them)", epoch, train_metrics["skipped_steps"])
-        for split, data in eval_batches.items():
-            _, res = evaluation(model, data, criterion_cls, criterion_box, device, order=order,
-                                amp=args.amp)
+    try:
+        for epoch in range(start_epoch, args.epochs + 1):
+            t0 = time.perf_counter()
+            train_metrics = train_one_epoch(model, train_batches, optimizer, criterion_cls,
+                                            criterion_box, device, epoch, order, args.single_backward,
+                                            args.amp, progress)
             for m in METRICS:
-                history[split][m].append(res[m])
-        history["epoch_seconds"].append(round(time.perf_counter() - t0, 3))
-        sel = {m: history[select_on][m][-1] for m in METRICS}
-        # The report's selection rule (Fig. 13).
-        score = round(sel["accuracy"], 3) + (1 - sel["box_loss"])
-        if history["best_score"] is None or score > history["best_score"]:
-            history["best_score"], history["best_epoch"] = score, epoch
-            best_state = host_copy(model.state_dict())
-        log.info("epoch %d/%d: train ce %.4f %s %.4f acc %.3f mIoU %.3f | %s ce %.4f %s %.4f "
-                 "acc %.3f mIoU %.3f | %.1fs%s", epoch, args.epochs, train_metrics["cross_entropy"],
-                 loss_name, train_metrics["box_loss"], train_metrics["accuracy"],
-                 train_metrics["mean_iou"], select_on, sel["cross_entropy"], loss_name,
-                 sel["box_loss"], sel["accuracy"], sel["mean_iou"], history["epoch_seconds"][-1],
-                 " (best)" if history["best_epoch"] == epoch else "")
-        last = epoch == args.epochs
-        due = time.perf_counter() - since_checkpoint >= 60 * args.checkpoint_minutes
-        if (due and not last) or (last and args.keep_checkpoint):
-            history["save_seconds"] += writer.wait()
-            state = checkpoint_state(model, optimizer, epoch, history, generator, device, args)
-            writer.write(epoch, host_copy(state) if writer.background else state, best_state)
-            best_state = None
-            since_checkpoint = time.perf_counter()
-        write_json(history, files.history)
-    history["save_seconds"] += writer.wait()
-    if best_state is not None:
-        writer.write_best(args.epochs, best_state)
+                history["train"][m].append(train_metrics[m])
+            history["skipped_steps"].append(train_metrics["skipped_steps"])
+            if train_metrics["skipped_steps"]:
+                log.warning("epoch %d: %d steps with a non-finite loss or gradient were skipped (the "
+                            "weights did not take them)", epoch, train_metrics["skipped_steps"])
+            for split, data in eval_batches.items():
+                _, res = evaluation(model, data, criterion_cls, criterion_box, device, order=order,
+                                    amp=args.amp)
+                for m in METRICS:
+                    history[split][m].append(res[m])
+            history["epoch_seconds"].append(round(time.perf_counter() - t0, 3))
+            sel = {m: history[select_on][m][-1] for m in METRICS}
+            # The report's selection rule (Fig. 13).
+            score = round(sel["accuracy"], 3) + (1 - sel["box_loss"])
+            if history["best_score"] is None or score > history["best_score"]:
+                history["best_score"], history["best_epoch"] = score, epoch
+                best_state = host_copy(model.state_dict())
+            log.info("epoch %d/%d: train ce %.4f %s %.4f acc %.3f mIoU %.3f | %s ce %.4f %s %.4f "
+                     "acc %.3f mIoU %.3f | %.1fs%s", epoch, args.epochs, train_metrics["cross_entropy"],
+                     loss_name, train_metrics["box_loss"], train_metrics["accuracy"],
+                     train_metrics["mean_iou"], select_on, sel["cross_entropy"], loss_name,
+                     sel["box_loss"], sel["accuracy"], sel["mean_iou"], history["epoch_seconds"][-1],
+                     " (best)" if history["best_epoch"] == epoch else "")
+            last = epoch == args.epochs
+            due = time.perf_counter() - since_checkpoint >= 60 * args.checkpoint_minutes
+            if (due and not last) or (last and args.keep_checkpoint):
+                history["save_seconds"] += writer.wait()
+                state = checkpoint_state(model, optimizer, epoch, history, generator, device, args)
+                writer.write(epoch, host_copy(state) if writer.background else state, best_state)
+                best_state = None
+                since_checkpoint = time.perf_counter()
+            write_json(history, files.history)
         history["save_seconds"] += writer.wait()
+        if best_state is not None:
+            writer.write_best(args.epochs, best_state)
+            history["save_seconds"] += writer.wait()
+            best_state = None
+    finally:
+        # Stopped by an error or Ctrl-C: a checkpoint being written is finished, and the best
+        # weights so far are not lost. (After a kill, --resume recomputes them.)
+        if best_state is not None or writer.thread is not None:
+            with contextlib.suppress(Exception):
+                writer.wait()
+                if best_state is not None:
+                    save_atomic(best_state, files.best)
+    history["finished"] = True
+    write_json(history, files.history)  # before the checkpoint goes: a finished run is never retrained
     if not args.keep_checkpoint and os.path.exists(files.checkpoint):
         os.remove(files.checkpoint)  # finished: best_model.pt and history.json are the run
-    history["finished"] = True
-    write_json(history, files.history)
     release_freed_memory()
     return model, history
 
@@ -764,7 +841,7 @@ def add_training_args(p):
     p.add_argument("--checkpoint_minutes", type=float, default=10.0,
                    help="write checkpoint.pt after an epoch once this many minutes of training have "
                         "passed since the last one (0: after every epoch); a killed run redoes at most "
-                        "this much work")
+                        "this much work, plus the epoch it was in")
     p.add_argument("--keep_checkpoint", action="store_true",
                    help="keep checkpoint.pt (model and Adam, 2.5 GB) when the run has finished, to "
                         "train it further with --resume and a larger --epochs; by default a finished "

@@ -4,6 +4,7 @@ Boxes are [x1, y1, x2, y2] normalised to (0, 1) throughout. Figures take saved r
 (confusion matrices, per-image predictions, histories), so they can be redrawn without
 running a model again.
 """
+import contextlib
 import json
 import math
 import os
@@ -123,6 +124,14 @@ def confusion_matrix(labels, preds, n_classes=len(CLASS_NAMES)):
 # ---------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------
+def autocast(device, amp):
+    """bfloat16 autocast on device when amp, else nothing: torch.autocast itself, even
+    disabled, refuses a device type its torch build cannot autocast (MPS before torch 2.5)."""
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
 def accumulator_dtype(device):
     """The dtype of running sums on a device: float64 where the device has it, so that a
     split's means (and the selection score made of them) do not depend on the order of the
@@ -157,7 +166,7 @@ def evaluation(model, loader, criterion_cls, criterion_box, device, order=True, 
             images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
             labels = batch["label"].to(device, non_blocking=True)
             boxes = batch["bbox"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with autocast(device, amp):
                 logits, raw = model(images)
             logits, raw = logits.float(), raw.float()
             bs = labels.shape[0]

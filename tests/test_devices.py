@@ -255,3 +255,17 @@ def test_amp_trains_on_the_cpu(small_data, tmp_path):
         assert all(torch.isfinite(torch.tensor(history[split][m])).all() for m in train.METRICS)
     assert history["train"]["cross_entropy"][1] < history["train"]["cross_entropy"][0]
     assert history["settings"]["amp"] is True
+
+
+def test_a_gpu_hidden_by_cuda_visible_devices_or_unusable_for_another_reason_is_named(no_gpu, monkeypatch):
+    """The fix named is the one that applies: not a reinstall when CUDA_VISIBLE_DEVICES hides
+    the GPU, nor when the driver supports torch's CUDA version."""
+    monkeypatch.setattr(train, "nvidia_driver_info", lambda: ("580.65.06", "13.0"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert "CUDA_VISIBLE_DEVICES='' hides it" in train.unusable_gpu_message()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    message = train.unusable_gpu_message()
+    assert "which that driver supports, yet torch cannot use it" in message and "pip install" not in message
+    monkeypatch.setattr(torch.version, "cuda", "13.2")
+    assert "pip install torch" in train.unusable_gpu_message()

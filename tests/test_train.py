@@ -474,3 +474,38 @@ def test_gpu_options_set_and_leave_the_report_defaults(monkeypatch):
         assert getattr(matmul, key) in ("tf32", True)
     finally:
         setattr(matmul, key, before)
+
+
+def test_a_resume_with_other_settings_or_a_batch_of_one_is_refused(tiny_data, tmp_path):
+    out = str(tmp_path / "run")
+    common = ["--loss", "mse", "--checkpoint_minutes", "0", *SMALL]
+    train.main(args_for(tiny_data, out, "--epochs", "1", "--keep_checkpoint", *common))
+    with pytest.raises(TrainingError, match=r"was written with --lr 0.001 \(now 0.01\); resume with the same"):
+        train.main(args_for(tiny_data, out, "--epochs", "2", "--resume", "--lr", "0.01", *common))
+    with pytest.raises(TrainingError, match="--batch_size 1 .*BatchNorm needs at least 2"):
+        train.main(args_for(tiny_data, str(tmp_path / "other"), "--batch_size", "1", *common))
+
+
+def test_a_run_stopped_by_an_error_keeps_its_best_model_and_no_partial_file(tiny_data, tmp_path, monkeypatch):
+    """No checkpoint is due (default minutes), so the best weights wait in memory: an error
+    in epoch 2 must not lose epoch 1's. A .tmp a killed write left is removed on resume."""
+    out = str(tmp_path / "run")
+    one_epoch = train.train_one_epoch
+
+    def fails_in_epoch_2(*a, **kw):
+        if a[6] == 2:
+            raise TrainingError("stopped in epoch 2")
+        return one_epoch(*a, **kw)
+
+    monkeypatch.setattr(train, "train_one_epoch", fails_in_epoch_2)
+    with pytest.raises(TrainingError, match="stopped in epoch 2"):
+        train.main(args_for(tiny_data, out, "--epochs", "3", "--loss", "mse", *SMALL))
+    assert sorted(os.listdir(out)) == ["best_model.pt", "history.json"]
+    model = HW5Net(width=2, n_blocks=1)
+    model.load_state_dict(torch.load(os.path.join(out, "best_model.pt"), weights_only=True))
+    monkeypatch.setattr(train, "train_one_epoch", one_epoch)
+    with open(os.path.join(out, "checkpoint.pt.tmp"), "wb") as f:
+        f.write(b"half a checkpoint")
+    history = train.main(args_for(tiny_data, out, "--epochs", "3", "--loss", "mse", "--resume", *SMALL))
+    assert len(history["train"]["accuracy"]) == 3  # started again: no checkpoint was written
+    assert sorted(os.listdir(out)) == ["best_model.pt", "history.json"]
