@@ -182,11 +182,19 @@ def read_rgb(path):
 
 
 def resize_image(img, size=IMAGE_SIZE):
-    """Anti-aliased resize to size x size: area averaging when shrinking (the usual case:
-    COCO images are ~640x480), bilinear when growing."""
+    """Anti-aliased resize to size x size, each axis the right way: area averaging along
+    an axis that shrinks (the usual case: COCO images are ~640x480), bilinear along one
+    that grows. An image that shrinks along one axis and grows along the other (640x240)
+    is resized in two passes, the shrinking axis first; one bilinear pass would alias
+    the shrinking axis."""
     h, w = img.shape[:2]
-    interp = cv2.INTER_AREA if (w >= size and h >= size) else cv2.INTER_LINEAR
-    return cv2.resize(img, (size, size), interpolation=interp)
+    if w >= size and h >= size:
+        return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    if w > size:
+        img = cv2.resize(img, (size, h), interpolation=cv2.INTER_AREA)
+    elif h > size:
+        img = cv2.resize(img, (w, size), interpolation=cv2.INTER_AREA)
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
 
 
 def process_image(task):

@@ -317,3 +317,21 @@ def test_mycocodataset_flip_moves_the_box(synthetic_data):
 def test_mycocodataset_missing_data(tmp_path):
     with pytest.raises(DatasetError, match="train_data.pkl not found"):
         MyCOCODataset(str(tmp_path), train=True)
+
+
+def test_resize_averages_an_axis_that_shrinks_while_the_other_grows():
+    """A 640x240 image of one-pixel vertical stripes: shrunk 2.5x across, grown down. Area
+    averaging across gives an even grey; one bilinear pass would sample the stripes and
+    alias them into bands of 0 and 255."""
+    stripes = np.zeros((240, 640, 3), np.uint8)
+    stripes[:, ::2] = 255
+    out = Dataset.resize_image(stripes)
+    assert out.shape == (256, 256, 3)
+    assert abs(float(out.mean()) - 127.5) < 2 and float(out.std()) < 30
+    aliased = cv2.resize(stripes, (256, 256), interpolation=cv2.INTER_LINEAR)
+    assert float(aliased.std()) > 60  # what the one-pass resize gave
+    tall = Dataset.resize_image(np.ascontiguousarray(stripes.transpose(1, 0, 2)))  # 240x640
+    assert float(tall.std()) < 30
+    gradient = np.tile(np.linspace(0, 255, 100, dtype=np.float32)[None, :, None], (100, 1, 3)).astype(np.uint8)
+    grown = Dataset.resize_image(gradient)  # both axes grow: bilinear, smooth
+    assert np.abs(np.diff(grown[0, :, 0].astype(int))).max() <= 2
