@@ -11,6 +11,7 @@ beside the report's, with the mean-box baseline and the settings).
 """
 import argparse
 import logging
+import math
 import os
 import platform
 import sys
@@ -37,10 +38,12 @@ REPORT = {
 }
 
 # The demo: a synthetic COCO tree small enough for about 10 minutes on 2 CPU cores
-# (a --single_backward training step of HW5Net at batch 16 costs about 0.57 s there).
-# Each option that is left at its default on the command line takes the demo's value.
-DEMO = {"n_train": 720, "n_val": 200, "synthetic_seed": 0, "epochs": 8, "single_backward": True}
-DEFAULT_EPOCHS = 30
+# (a --single_backward training step of HW5Net at batch 16 costs 0.6 to 1 s there).
+# Each option that is left unset on the command line takes the demo's value with
+# --demo and train.py's default (the report's) without.
+DEMO_DATA = {"n_train": 720, "n_val": 200, "synthetic_seed": 0}
+DEMO_TRAINING = {"epochs": 8, "single_backward": True}
+DEMO = {**DEMO_DATA, **DEMO_TRAINING}
 
 
 def mean_box_baseline(train_boxes, test_boxes):
@@ -117,6 +120,11 @@ def run_model(key, loss_name, datasets, out_dir, args, device):
 # ---------------------------------------------------------------------------------
 # Reports
 # ---------------------------------------------------------------------------------
+SETTINGS_SHOWN = ("device", "data_dir", "n_train", "n_test", "n_val", "epochs", "batch_size", "lr",
+                  "lr_schedule", "betas", "seed", "boxes", "backward", "augment", "amp",
+                  "learnable_res", "torch", "wall_seconds")
+
+
 def results_markdown(results):
     """results.md: the run's table beside the report's, the baseline and the settings."""
     s = results["settings"]
@@ -143,10 +151,98 @@ def results_markdown(results):
                      f"per-epoch evaluation), {r['save_seconds']:.1f} s writing files ({r['files_written']}: "
                      f"checkpoints and the best model){skipped}")
     lines += ["", "## Settings", ""]
-    for k in ("device", "data_dir", "n_train", "n_test", "n_val", "epochs", "batch_size", "lr",
-              "betas", "seed", "boxes", "backward", "augment", "amp", "learnable_res", "torch",
-              "wall_seconds"):
-        lines.append(f"- {k}: {s[k]}")
+    for k in SETTINGS_SHOWN:
+        if k in s:
+            lines.append(f"- {k}: {s[k]}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------
+# Several seeds
+# ---------------------------------------------------------------------------------
+def spread(values):
+    """{"mean", "std", "min", "max"} of numbers over seeds (std: the sample standard
+    deviation, ddof 1; 0.0 for one value). Values that are None (a metric a split does
+    not have) are left out; None when all are."""
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
+
+
+def aggregate_numbers(items):
+    """The spread of every number in a list of like-shaped dicts (one per seed), nested
+    dicts followed; lists (confusion matrices) are left out."""
+    out = {}
+    for key, first in items[0].items():
+        values = [item.get(key) for item in items]
+        if isinstance(first, dict):
+            out[key] = aggregate_numbers([v if isinstance(v, dict) else {} for v in values])
+        elif isinstance(first, (int, float)) and not isinstance(first, bool) or first is None:
+            if all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values):
+                out[key] = spread(values)
+    return out
+
+
+def aggregate_results(per_seed, wall_seconds):
+    """OUT/results.json of a --seeds run: results["aggregate"][model][split][metric] =
+    {"mean", "std", "min", "max"} over seeds, for every number a single run's
+    results.json carries per split; the best epochs' spread per model; each seed's
+    results under results["per_seed"][seed]."""
+    seeds = list(per_seed)
+    runs = [per_seed[s] for s in seeds]
+    first = runs[0]
+    aggregate = {}
+    for key, _ in MODELS:
+        splits = [split for split in ("train", "val", "test") if split in first[key]]
+        aggregate[key] = {split: aggregate_numbers([run[key][split] for run in runs]) for split in splits}
+        aggregate[key]["best_epoch"] = spread([run[key]["best_epoch"] for run in runs])
+    settings = {k: v for k, v in first["settings"].items() if k not in ("seed", "wall_seconds")}
+    settings.update(seeds=seeds, wall_seconds=wall_seconds)
+    return {"seeds": seeds, "aggregate": aggregate, "per_seed": {str(s): per_seed[s] for s in seeds},
+            "baseline": first["baseline"], "report": REPORT, "settings": settings}
+
+
+def seeds_markdown(results):
+    """OUT/results.md of a --seeds run: mean ± std (min to max) per model and split beside
+    the report's numbers, then a row per seed."""
+    s, seeds, agg = results["settings"], results["seeds"], results["aggregate"]
+    lines = ["# HW5Net: CIoU vs MSE box loss, over seeds " + ", ".join(map(str, seeds)), ""]
+    if s["demo"]:
+        lines += ["Demo run on synthetic data (drawn buses, cats and pizzas). The report's "
+                  "numbers are for COCO 2014 and are shown for scale only.", ""]
+    lines += [f"Mean ± sample std (min to max) over {len(seeds)} training seeds; the data is the "
+              f"same for every seed.", "",
+              "| model | split | accuracy | mean IoU | report accuracy | report mean IoU |",
+              "|---|---|---|---|---|---|"]
+    for split in ("train", "val", "test"):
+        for key, name in MODELS:
+            if split not in agg[key]:
+                continue
+            a, m = agg[key][split]["accuracy"], agg[key][split]["mean_iou"]
+            rep = REPORT[key].get(split)
+            report = (f"{100 * rep['accuracy']:.1f}% | {rep['mean_iou']:.2f}" if rep else "| ")
+            lines.append(f"| {name} | {split} | {100 * a['mean']:.1f}% ± {100 * a['std']:.1f} "
+                         f"({100 * a['min']:.1f} to {100 * a['max']:.1f}) | {m['mean']:.3f} ± "
+                         f"{m['std']:.3f} ({m['min']:.3f} to {m['max']:.3f}) | {report} |")
+    lines += ["", f"Mean-box baseline (the training set's mean box for every test image): "
+                  f"test mean IoU {results['baseline']['mean_box_test_iou']:.3f}.", "",
+              "## Each seed", "",
+              "| seed | model | best epoch | train accuracy | train mean IoU | test accuracy | test mean IoU |",
+              "|---|---|---|---|---|---|---|"]
+    for seed in seeds:
+        run = results["per_seed"][str(seed)]
+        for key, name in MODELS:
+            r = run[key]
+            lines.append(f"| {seed} | {name} | {r['best_epoch']} of {r['epochs_trained']} | "
+                         f"{100 * r['train']['accuracy']:.1f}% | {r['train']['mean_iou']:.3f} | "
+                         f"{100 * r['test']['accuracy']:.1f}% | {r['test']['mean_iou']:.3f} |")
+    lines += ["", "Each seed's run, figures and results are in `seed{k}/`.", "", "## Settings", ""]
+    for k in SETTINGS_SHOWN + ("seeds",):
+        if k in s:
+            lines.append(f"- {k}: {s[k]}")
     return "\n".join(lines) + "\n"
 
 
@@ -162,63 +258,81 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def demo_settings():
+    """The demo's training options as they would be typed: '--epochs 8 --single_backward'."""
+    return " ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in DEMO_TRAINING.items())
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     p.add_argument("--data_dir", help="dataset built by Dataset.py (required unless --demo)")
     p.add_argument("--out_dir", required=True, help="where models, figures and results go (required)")
     p.add_argument("--demo", action="store_true",
                    help=f"generate a synthetic COCO tree in OUT/synthetic_coco, build it into "
-                        f"OUT/data and run on it with demo settings ({DEMO['epochs']} epochs, "
-                        f"--single_backward) unless given otherwise")
+                        f"OUT/data and run on it with the demo's settings ({demo_settings()}) "
+                        f"unless given otherwise")
     p.add_argument("--n_train", type=int, default=None,
                    help=f"--demo: synthetic train images (default {DEMO['n_train']})")
     p.add_argument("--n_val", type=int, default=None,
                    help=f"--demo: synthetic val (test) images (default {DEMO['n_val']})")
     p.add_argument("--synthetic_seed", type=int, default=None,
                    help=f"--demo: synthetic tree seed (default {DEMO['synthetic_seed']})")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run the whole experiment once per training seed, into OUT/seed{k}/, and "
+                        "write the mean, std, min and max over seeds to OUT/results.json and "
+                        "OUT/results.md (one seed: the same as --seed, in OUT itself)")
     add_training_args(p)
-    # Two training options whose default depends on --demo.
-    p.set_defaults(epochs=None, single_backward=None)
+    # The training options whose default depends on --demo, and --seed (unset, so that
+    # --seed and --seeds together can be refused).
+    report_defaults = {a.dest: a.default for a in p._actions if a.dest in DEMO_TRAINING}
+    p.set_defaults(seed=None, **{k: None for k in DEMO_TRAINING})
     for action in p._actions:
-        if action.dest == "epochs":
-            action.help = (f"epochs per model (default {DEFAULT_EPOCHS}, the report's; "
-                           f"{DEMO['epochs']} with --demo)")
-        elif action.dest == "single_backward":
-            action.help += " (default: off; on with --demo)"
+        if action.dest in DEMO_TRAINING:
+            shown = "off" if action.default is False else report_defaults[action.dest]
+            demo = DEMO_TRAINING[action.dest]
+            demo = "on" if demo is True else demo
+            action.help += f" (default: {shown}, the report's; {demo} with --demo)"
+        elif action.dest == "seed":
+            action.help += " (default: 0)"
+    p.report_defaults = report_defaults
     return p
 
 
-def resolve_args(args):
+def resolve_args(args, parser=None):
     """Fill the options left unset: the demo's values with --demo, else the report's."""
+    parser = parser or get_args_parser()
     if args.demo == bool(args.data_dir):
         raise TrainingError("give --data_dir DATA (a dataset built by Dataset.py) or --demo, "
                             "one of the two")
-    for key in ("n_train", "n_val", "synthetic_seed"):
+    for key in DEMO_DATA:
         if getattr(args, key) is None:
             setattr(args, key, DEMO[key])
         elif not args.demo:
             raise TrainingError(f"--{key} applies to --demo only")
-    if args.epochs is None:
-        args.epochs = DEMO["epochs"] if args.demo else DEFAULT_EPOCHS
-    if args.single_backward is None:
-        args.single_backward = args.demo and DEMO["single_backward"]
+    for key in DEMO_TRAINING:
+        if getattr(args, key) is None:
+            setattr(args, key, DEMO[key] if args.demo else parser.report_defaults[key])
+    if args.seeds is not None:
+        if args.seed is not None:
+            raise TrainingError("give --seed or --seeds, not both")
+        if len(set(args.seeds)) != len(args.seeds):
+            raise TrainingError(f"--seeds {' '.join(map(str, args.seeds))}: each seed once")
+        if len(args.seeds) == 1:  # one seed is a plain run
+            args.seed, args.seeds = args.seeds[0], None
+    if args.seed is None:
+        args.seed = args.seeds[0] if args.seeds else 0
     return args
 
 
-def main(args):
-    t_start = time.perf_counter()
-    out_dir = args.out_dir
-    if not args.resume:
-        for key, _ in MODELS:
-            if RunFiles(os.path.join(out_dir, key)).holds_a_run():
-                raise TrainingError(f"{out_dir} already holds a run ({key}/); pass --resume to "
-                                    f"continue it, or choose another --out_dir")
-    device = pick_device(args.device)
-    args.data_dir = prepare_demo_data(out_dir, args) if args.demo else args.data_dir
-    datasets = load_datasets(args, progress=not args.quiet)  # bad data stops before OUT is made
+def holds_a_run(out_dir):
+    return any(RunFiles(os.path.join(out_dir, key)).holds_a_run() for key, _ in MODELS)
+
+
+def run_experiment(args, out_dir, datasets, device, t_start):
+    """Both models trained with args.seed into out_dir, evaluated, drawn and written up
+    (results.json, results.md). Returns the results."""
     train_set, test_set, val_set = datasets
     os.makedirs(out_dir, exist_ok=True)
-
     seed_everything(args.seed)
     net = build_model(args)
     write_text(model_summary(net), os.path.join(out_dir, "model_sum.txt"))
@@ -240,11 +354,21 @@ def main(args):
                         "save_seconds": round(sum(w["seconds"] for w in saves), 1),
                         "files_written": len(saves)}
     results["report"] = REPORT
-    results["settings"] = {
+    results["settings"] = experiment_settings(args, device, datasets, n_params, n_layers, t_start)
+    write_json(results, os.path.join(out_dir, "results.json"))
+    write_text(results_markdown(results), os.path.join(out_dir, "results.md"))
+    return results
+
+
+def experiment_settings(args, device, datasets, n_params, n_layers, t_start):
+    train_set, test_set, val_set = datasets
+    settings = {
         "demo": args.demo, "device": str(device), "data_dir": args.data_dir,
         "n_train": len(train_set), "n_test": len(test_set),
         "n_val": len(val_set) if val_set is not None else 0,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "lr_schedule": args.lr_schedule + (f", {args.warmup_epochs:g} warm-up epochs"
+                                           if args.lr_schedule != "constant" and args.warmup_epochs else ""),
         "betas": [args.beta1, args.beta2], "seed": args.seed,
         "boxes": "raw (as the report's code)" if args.raw_boxes else "ordered (order_boxes)",
         "backward": "single" if args.single_backward else "two calls (as the report)",
@@ -254,21 +378,52 @@ def main(args):
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     if args.demo:
-        results["settings"].update(n_synthetic_train=args.n_train, n_synthetic_val=args.n_val,
-                                   synthetic_seed=args.synthetic_seed)
-    write_json(results, os.path.join(out_dir, "results.json"))
-    markdown = results_markdown(results)
+        settings.update(n_synthetic_train=args.n_train, n_synthetic_val=args.n_val,
+                        synthetic_seed=args.synthetic_seed)
+    return settings
+
+
+def main(args):
+    t_start = time.perf_counter()
+    out_dir = args.out_dir
+    seeds = args.seeds or [args.seed]
+    run_dirs = {seed: os.path.join(out_dir, f"seed{seed}") if args.seeds else out_dir for seed in seeds}
+    if not args.resume:
+        for run_dir in run_dirs.values():
+            if holds_a_run(run_dir):
+                raise TrainingError(f"{out_dir} already holds a run ({os.path.relpath(run_dir, out_dir)}); "
+                                    f"pass --resume to continue it, or choose another --out_dir")
+    device = pick_device(args.device)
+    args.data_dir = prepare_demo_data(out_dir, args) if args.demo else args.data_dir
+    # Loaded once for every seed (with --val_fraction, held out with the first seed): the
+    # seeds vary training only. Bad data stops here, before OUT is made.
+    datasets = load_datasets(args, progress=not args.quiet)
+    per_seed = {}
+    for seed, run_dir in run_dirs.items():
+        if args.seeds:
+            log.info("seed %d of %s: %s", seed, " ".join(map(str, seeds)), run_dir)
+        run_args = argparse.Namespace(**{**vars(args), "seed": seed, "seeds": None})
+        per_seed[seed] = run_experiment(run_args, run_dir, datasets, device, time.perf_counter())
+    if not args.seeds:
+        results = per_seed[args.seed]
+        results["settings"]["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+        write_json(results, os.path.join(out_dir, "results.json"))
+    else:
+        results = aggregate_results(per_seed, round(time.perf_counter() - t_start, 1))
+        write_json(results, os.path.join(out_dir, "results.json"))
+    markdown = results_markdown(results) if not args.seeds else seeds_markdown(results)
     write_text(markdown, os.path.join(out_dir, "results.md"))
     print(markdown)
-    log.info("outputs in %s (results.md, results.json, figures; models in %s/ciou and %s/mse)",
-             out_dir, out_dir, out_dir)
+    log.info("outputs in %s (results.md, results.json, figures; models in %s)", out_dir,
+             ", ".join(os.path.join(d, m) for d in run_dirs.values() for m in ("ciou", "mse")))
     return results
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        main(resolve_args(get_args_parser().parse_args()))
+        parser = get_args_parser()
+        main(resolve_args(parser.parse_args(), parser))
     except (TrainingError, DatasetError) as e:
         log.error("%s", e)
         sys.exit(2)

@@ -244,6 +244,31 @@ class DeviceBatches:
             yield {"image": images, "label": self.labels.index_select(0, index), "bbox": boxes}
 
 
+class LearningRate:
+    """The learning rate of each training step. "constant" is the report's: --lr
+    throughout. "cosine" rises linearly from 0 over the first warmup_epochs, then falls
+    along a half cosine to 0 at the last step of the last epoch: the late epochs take
+    small steps, so the weights settle and the best-epoch rule picks from a flat curve
+    instead of a swinging one. A function of the step alone, so a resumed run follows
+    the same schedule."""
+
+    def __init__(self, base_lr, schedule, epochs, steps_per_epoch, warmup_epochs=0.0):
+        if schedule not in ("constant", "cosine"):
+            raise TrainingError(f"--lr_schedule must be constant or cosine, not {schedule!r}")
+        self.base_lr, self.schedule = base_lr, schedule
+        self.total = epochs * steps_per_epoch
+        self.warmup = round(warmup_epochs * steps_per_epoch) if schedule == "cosine" else 0
+
+    def __call__(self, step):
+        """The rate of the 0-based global step `step`."""
+        if self.schedule == "constant":
+            return self.base_lr
+        if step < self.warmup:
+            return self.base_lr * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        return self.base_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def split_train_val(files, fraction, seed):
     """(train files, validation files): a seeded random fraction held out."""
     if not 0 < fraction < 1:
@@ -302,8 +327,10 @@ class NonFiniteGuard:
 
 
 def train_one_epoch(model, data, optimizer, criterion_cls, criterion_box, device, epoch,
-                    order=True, single_backward=False, amp=False, progress=True, check_every=20):
-    """One pass over data. Returns the epoch's running means over images (model in train
+                    order=True, single_backward=False, amp=False, progress=True, check_every=20,
+                    lr=None):
+    """One pass over data. lr: a LearningRate, called with each step's global index (the
+    optimizer's rate is left as it is when None). Returns the epoch's running means over images (model in train
     mode, as the report logged them) and skipped_steps: the steps whose loss or gradient
     was not finite, which changed neither the weights nor Adam's state and are left out
     of the means (NonFiniteGuard). Raises TrainingError when check_every steps in a row,
@@ -321,6 +348,9 @@ def train_one_epoch(model, data, optimizer, criterion_cls, criterion_box, device
         labels = batch["label"].to(device, non_blocking=True)
         boxes = batch["bbox"].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
+        if lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr((epoch - 1) * len(data) + step)
         with autocast(device, amp):
             logits, raw = model(images)
         logits, raw = logits.float(), raw.float()
@@ -357,6 +387,13 @@ def train_one_epoch(model, data, optimizer, criterion_cls, criterion_box, device
             bar.set_postfix(ce=f"{means[0]:.3f}", box=f"{means[1]:.3f}", acc=f"{means[2]:.3f}")
     means = (sums[:4] / sums[4]).tolist()
     return {**dict(zip(METRICS, means)), "skipped_steps": int(skipped)}
+
+
+def selection_score(metrics):
+    """The report's rule for the best model (Fig. 13): round(accuracy, 3) + (1 - box loss),
+    of the split selected on (test, as the report; val with --val_fraction). The highest
+    score wins; a tie keeps the earlier epoch."""
+    return round(metrics["accuracy"], 3) + (1 - metrics["box_loss"])
 
 
 # ---------------------------------------------------------------------------------
@@ -631,13 +668,18 @@ def finished_run(files, args, model, history):
 
 # The settings that decide a run's course: a resumed run must have the same.
 TRAJECTORY = ("loss", "lr", "beta1", "beta2", "batch_size", "seed", "augment", "raw_boxes",
-              "single_backward", "val_fraction", "width", "n_blocks", "learnable_res", "amp")
+              "single_backward", "val_fraction", "width", "n_blocks", "learnable_res", "amp",
+              "lr_schedule", "warmup_epochs")
 
 
 def check_resumable(ckpt, args, path):
     saved = ckpt.get("args", {})
     changed = [f"--{k} {saved[k]} (now {getattr(args, k)})" for k in TRAJECTORY
                if k in saved and saved[k] != getattr(args, k)]
+    if saved.get("lr_schedule", "constant") != "constant" and saved.get("epochs") != args.epochs:
+        # The schedule spans the run's epochs: another --epochs is another schedule.
+        changed.append(f"--epochs {saved.get('epochs')} (now {args.epochs}; --lr_schedule "
+                       f"{saved['lr_schedule']} decays over the run's epochs)")
     if changed:
         raise TrainingError(f"{path} was written with " + ", ".join(changed) + "; resume with "
                             f"the same settings, or start a new run in another --out_dir")
@@ -703,6 +745,7 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
                  "each epoch (BatchNorm cannot train on one)", len(train_set), args.batch_size)
     train_batches = DeviceBatches(train_set, args.batch_size, device, shuffle=True, generator=generator,
                                   augment=args.augment, drop_last=lone_last)
+    lr = LearningRate(args.lr, args.lr_schedule, args.epochs, len(train_batches), args.warmup_epochs)
     eval_batches = {"test": DeviceBatches(test_set, args.eval_batch_size, device)}
     if val_set is not None:
         eval_batches["val"] = DeviceBatches(val_set, args.eval_batch_size, device)
@@ -738,7 +781,7 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
             t0 = time.perf_counter()
             train_metrics = train_one_epoch(model, train_batches, optimizer, criterion_cls,
                                             criterion_box, device, epoch, order, args.single_backward,
-                                            args.amp, progress)
+                                            args.amp, progress, lr=lr)
             for m in METRICS:
                 history["train"][m].append(train_metrics[m])
             history["skipped_steps"].append(train_metrics["skipped_steps"])
@@ -752,9 +795,8 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
                     history[split][m].append(res[m])
             history["epoch_seconds"].append(round(time.perf_counter() - t0, 3))
             sel = {m: history[select_on][m][-1] for m in METRICS}
-            # The report's selection rule (Fig. 13).
-            score = round(sel["accuracy"], 3) + (1 - sel["box_loss"])
-            if history["best_score"] is None or score > history["best_score"]:
+            score = selection_score(sel)
+            if history["best_score"] is None or score > history["best_score"]:  # a tie keeps the earlier
                 history["best_score"], history["best_epoch"] = score, epoch
                 best_state = host_copy(model.state_dict())
             log.info("epoch %d/%d: train ce %.4f %s %.4f acc %.3f mIoU %.3f | %s ce %.4f %s %.4f "
@@ -817,6 +859,11 @@ def add_training_args(p):
     p.add_argument("--batch_size", type=int, default=16, help="training batch size")
     p.add_argument("--eval_batch_size", type=int, default=64, help="evaluation batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lr_schedule", choices=("constant", "cosine"), default="constant",
+                   help="constant: --lr throughout (the report's); cosine: linear warm-up over "
+                        "--warmup_epochs, then a half cosine down to 0 at the last step")
+    p.add_argument("--warmup_epochs", type=float, default=0.0,
+                   help="--lr_schedule cosine: epochs of linear warm-up from 0 to --lr")
     p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1")
     p.add_argument("--beta2", type=float, default=0.99, help="Adam beta2")
     p.add_argument("--seed", type=int, default=0, help="seed for random, numpy and torch")

@@ -109,3 +109,78 @@ def test_mean_box_baseline():
     train_boxes = torch.tensor([[0.0, 0.0, 0.4, 0.5], [0.0, 0.0, 0.6, 0.5]])  # mean [0, 0, .5, .5]
     test_boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.5, 1.0]])
     assert hw5_main.mean_box_baseline(train_boxes, test_boxes) == pytest.approx((1 + 0 + 0.5) / 3)
+
+
+TINY_DEMO = ["--demo", "--n_train", "24", "--n_val", "12", "--epochs", "1", "--batch_size", "4",
+             "--quiet", "--width", "2", "--n_blocks", "1", "--device", "cpu"]
+
+
+def test_seeds_run_the_experiment_per_seed_and_aggregate_their_spread(tmp_path):
+    import statistics
+    out = str(tmp_path / "seeds")
+    results = hw5_main.main(parse("--out_dir", out, "--seeds", "0", "1", *TINY_DEMO))
+    assert os.listdir(os.path.join(out, "data"))  # the data is built once, beside the seeds
+    assert not os.path.exists(os.path.join(out, "seed0", "data"))
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(results)) and saved["seeds"] == [0, 1]
+    runs = []
+    for seed in (0, 1):
+        with open(os.path.join(out, f"seed{seed}", "results.json")) as f:
+            runs.append(json.load(f))
+        assert runs[-1]["settings"]["seed"] == seed
+        assert os.path.exists(os.path.join(out, f"seed{seed}", "ciou_test_preds.png"))
+    assert runs[0]["settings"]["n_train"] == runs[1]["settings"]["n_train"]
+    # Different seeds, different training: the two runs are not copies of each other.
+    assert runs[0]["ciou"]["test"]["box_loss"] != runs[1]["ciou"]["test"]["box_loss"]
+    for model in ("ciou", "mse"):
+        assert set(saved["aggregate"][model]) == {"train", "test", "best_epoch"}
+        for split in ("train", "test"):
+            agg = saved["aggregate"][model][split]
+            assert {"accuracy", "mean_iou", "cross_entropy", "box_loss"} <= set(agg)
+            for metric in ("accuracy", "mean_iou", "box_loss"):
+                values = [run[model][split][metric] for run in runs]
+                assert agg[metric] == pytest.approx({"mean": statistics.mean(values),
+                                                     "std": statistics.stdev(values),
+                                                     "min": min(values), "max": max(values)})
+    with open(os.path.join(out, "results.md")) as f:
+        md = f.read()
+    for seed, run in zip((0, 1), runs):
+        r = run["mse"]
+        assert (f"| {seed} | MSE | {r['best_epoch']} of 1 | {100 * r['train']['accuracy']:.1f}% | "
+                f"{r['train']['mean_iou']:.3f} | {100 * r['test']['accuracy']:.1f}% | "
+                f"{r['test']['mean_iou']:.3f} |") in md
+    a = saved["aggregate"]["ciou"]["test"]["accuracy"]
+    assert f"| CIoU | test | {100 * a['mean']:.1f}% ± {100 * a['std']:.1f} " in md
+
+    # Each seed resumes like a single run: a seed whose MSE model was lost is completed.
+    shutil.rmtree(os.path.join(out, "seed1", "mse"))
+    with pytest.raises(TrainingError, match="already holds a run"):
+        hw5_main.main(parse("--out_dir", out, "--seeds", "0", "1", *TINY_DEMO))
+    resumed = hw5_main.main(parse("--out_dir", out, "--seeds", "0", "1", "--resume", *TINY_DEMO))
+    assert resumed["aggregate"] == saved["aggregate"]
+
+
+def test_one_seed_is_a_plain_run_and_seed_with_seeds_is_refused(tmp_path):
+    one = hw5_main.main(parse("--out_dir", str(tmp_path / "one"), "--seeds", "3", *TINY_DEMO))
+    plain = hw5_main.main(parse("--out_dir", str(tmp_path / "plain"), "--seed", "3", *TINY_DEMO))
+    assert "aggregate" not in one and not os.path.exists(str(tmp_path / "one" / "seed3"))
+    assert one["settings"]["seed"] == 3
+    for model in ("ciou", "mse"):
+        for split in ("train", "test"):
+            assert one[model][split] == plain[model][split]
+    with pytest.raises(TrainingError, match="--seed or --seeds, not both"):
+        parse("--out_dir", "o", "--demo", "--seed", "1", "--seeds", "1", "2")
+    with pytest.raises(TrainingError, match="each seed once"):
+        parse("--out_dir", "o", "--demo", "--seeds", "1", "1")
+    assert parse("--out_dir", "o", "--demo").seed == 0
+
+
+def test_spread_of_numbers_nested_and_missing():
+    assert hw5_main.spread([1.0, 2.0, 4.0]) == pytest.approx(
+        {"mean": 7 / 3, "std": (((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2) ** 0.5,
+         "min": 1.0, "max": 4.0})
+    got = hw5_main.aggregate_numbers([{"a": 1, "m": [[1]], "c": {"AP": 0.5, "bus": None}},
+                                      {"a": 3, "m": [[2]], "c": {"AP": 0.7, "bus": None}}])
+    assert got["a"]["mean"] == 2 and got["a"]["std"] == pytest.approx(2 ** 0.5)
+    assert "m" not in got and got["c"]["AP"]["max"] == 0.7 and got["c"]["bus"] is None

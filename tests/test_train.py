@@ -509,3 +509,93 @@ def test_a_run_stopped_by_an_error_keeps_its_best_model_and_no_partial_file(tiny
     history = train.main(args_for(tiny_data, out, "--epochs", "3", "--loss", "mse", "--resume", *SMALL))
     assert len(history["train"]["accuracy"]) == 3  # started again: no checkpoint was written
     assert sorted(os.listdir(out)) == ["best_model.pt", "history.json"]
+
+
+# Epoch by epoch (accuracy, box loss). On the test split epoch 3 wins: epoch 2's accuracy
+# is higher only below the rule's rounding to 3 decimals, epoch 4 ties epoch 3 (the
+# earlier is kept). The validation split's best is epoch 5; the training split's is 1.
+CANNED = {"test": [(0.80, 0.50), (0.9004, 0.40), (0.9001, 0.3999), (0.9003, 0.3999), (0.70, 0.45)],
+          "val": [(0.60, 0.50), (0.70, 0.50), (0.65, 0.45), (0.70, 0.45), (0.90, 0.30)],
+          "train": [(1.00, 0.00), (0.50, 0.50), (0.50, 0.50), (0.50, 0.50), (0.50, 0.50)]}
+
+
+@pytest.mark.parametrize("val_fraction, best", [(None, 3), (0.25, 5)])
+def test_the_report_rule_selects_the_best_epoch_and_best_model_pt_holds_its_weights(
+        tiny_data, tmp_path, monkeypatch, val_fraction, best):
+    extra = ["--val_fraction", str(val_fraction)] if val_fraction else []
+    args = args_for(tiny_data, str(tmp_path / "run"), "--epochs", "5", "--loss", "mse", *SMALL, *extra)
+    train_set, test_set, val_set = train.load_datasets(args, progress=False)
+    weights = {}  # epoch -> the weights evaluated after it
+
+    def canned(split, epoch, **real):
+        accuracy, box_loss = CANNED[split][epoch - 1]
+        return {**real, "accuracy": accuracy, "box_loss": box_loss}
+
+    one_epoch = train.train_one_epoch
+
+    def train_then_canned(*a, **kw):
+        return canned("train", a[6], **one_epoch(*a, **kw))
+
+    def evaluation(model, data, *a, **kw):
+        split = "test" if data.dataset is test_set else "val"
+        epoch = len(weights) + 1 if split == "test" else len(weights)
+        if split == "test":
+            weights[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+        return None, canned(split, epoch, cross_entropy=1.0, mean_iou=0.5)
+
+    monkeypatch.setattr(train, "train_one_epoch", train_then_canned)
+    monkeypatch.setattr(train, "evaluation", evaluation)
+    model = train.build_model(args)
+    _, history = train.train(model, train_set, test_set, args.out_dir, args, torch.device("cpu"),
+                             val_set, progress=False)
+    split = "val" if val_fraction else "test"
+    assert history["select_on"] == split and history["best_epoch"] == best
+    accuracy, box_loss = CANNED[split][best - 1]
+    assert history["best_score"] == round(accuracy, 3) + (1 - box_loss)
+    saved = torch.load(os.path.join(args.out_dir, "best_model.pt"), weights_only=True)
+    assert all(torch.equal(saved[k], weights[best][k]) for k in saved)
+    others = [e for e in weights if e != best]
+    assert all(any(not torch.equal(saved[k], weights[e][k]) for k in saved) for e in others)
+
+
+def test_selection_score_is_the_reports():
+    assert train.selection_score({"accuracy": 0.8886, "box_loss": 0.25}) == pytest.approx(0.889 + 0.75)
+    assert train.selection_score({"accuracy": 0.9004, "box_loss": 0.4}) == train.selection_score(
+        {"accuracy": 0.9001, "box_loss": 0.4})
+
+
+def test_learning_rate_schedules():
+    constant = train.LearningRate(1e-3, "constant", epochs=4, steps_per_epoch=10)
+    assert [constant(s) for s in (0, 17, 39)] == [1e-3] * 3
+    cosine = train.LearningRate(1e-3, "cosine", epochs=4, steps_per_epoch=10, warmup_epochs=1)
+    rates = [cosine(s) for s in range(40)]
+    assert rates[:10] == pytest.approx([1e-4 * (s + 1) for s in range(10)])  # linear warm-up
+    assert rates[10] == pytest.approx(1e-3)  # the peak, then down along a half cosine
+    assert all(a > b for a, b in zip(rates[10:], rates[11:]))
+    assert rates[25] == pytest.approx(0.5e-3) and rates[39] < 1e-5
+    assert train.LearningRate(1e-3, "cosine", 2, 10)(0) == pytest.approx(1e-3)  # no warm-up
+
+
+def test_a_cosine_run_resumes_on_its_schedule_and_refuses_other_epochs(tiny_data, tmp_path, monkeypatch):
+    common = ["--loss", "mse", "--lr_schedule", "cosine", "--warmup_epochs", "0.5",
+              "--checkpoint_minutes", "0", *SMALL]
+    full = train.main(args_for(tiny_data, str(tmp_path / "full"), "--epochs", "3", *common))
+    out = str(tmp_path / "stopped")
+    one_epoch = train.train_one_epoch
+    seen = []
+
+    def stops_in_epoch_3(*a, **kw):
+        seen.append([kw["lr"](i) for i in range(len(a[1]))])
+        if a[6] == 3:
+            raise TrainingError("stopped in epoch 3")
+        return one_epoch(*a, **kw)
+
+    monkeypatch.setattr(train, "train_one_epoch", stops_in_epoch_3)
+    with pytest.raises(TrainingError, match="stopped in epoch 3"):
+        train.main(args_for(tiny_data, out, "--epochs", "3", *common))
+    monkeypatch.setattr(train, "train_one_epoch", one_epoch)
+    with pytest.raises(TrainingError, match=r"--epochs 3 \(now 4; --lr_schedule cosine"):
+        train.main(args_for(tiny_data, out, "--epochs", "4", "--resume", *common))
+    resumed = train.main(args_for(tiny_data, out, "--epochs", "3", "--resume", *common))
+    assert comparable(resumed) == comparable(full)
+    assert seen[0][0] < seen[0][-1] and max(map(max, seen)) == pytest.approx(1e-3)
