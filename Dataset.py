@@ -289,6 +289,11 @@ def build_split(coco, image_dir, out_dir, folder, workers=1, jpeg_quality=95, pr
             "image_id": ann["image_id"],
             "id": ann["id"],
             "area": ann["area"],
+            # The original geometry, for outputs in the COCO image's own pixels
+            # (hw5_main's coco_results_{split}.json and its COCOeval metrics).
+            "width": img["width"],
+            "height": img["height"],
+            "coco_bbox": [float(v) for v in ann["bbox"]],
         }
     if failures:
         rejected["unreadable"] += len(failures)
@@ -341,14 +346,15 @@ def build_dataset(coco_dir, out_dir, year=2014, workers=1, jpeg_quality=95, prog
 # ---------------------------------------------------------------------------------
 # Figure 2: sample images
 # ---------------------------------------------------------------------------------
-def draw_box(img, box_xyxy, colour, text, thickness=2, label_at="top"):
+def draw_box(img, box_xyxy, colour, text, thickness=2, label_at="top", font_scale=0.45):
     """Draw a box and its label on an RGB uint8 image in place (cv2, as the report).
     The label sits on a filled tab of the box colour, above the box's top edge
     (label_at="top") or below its bottom edge ("bottom"), moved inside when it would
     leave the image."""
     x1, y1, x2, y2 = (int(round(v)) for v in box_xyxy)
     cv2.rectangle(img, (x1, y1), (x2, y2), colour, thickness)
-    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+    weight = max(1, round(font_scale / 0.45))
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, weight)
     tab_h = th + base + 3
     if label_at == "top":
         top = y1 - tab_h if y1 - tab_h >= 0 else y1
@@ -357,8 +363,8 @@ def draw_box(img, box_xyxy, colour, text, thickness=2, label_at="top"):
     top = min(max(top, 0), img.shape[0] - tab_h)
     left = min(max(x1, 0), max(img.shape[1] - tw - 4, 0))
     cv2.rectangle(img, (left, top), (left + tw + 4, top + tab_h), colour, -1)
-    cv2.putText(img, text, (left + 2, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
-                cv2.LINE_AA)
+    cv2.putText(img, text, (left + 2, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0),
+                weight, cv2.LINE_AA)
     return img
 
 
@@ -433,6 +439,16 @@ def decode_images(paths, workers=None, progress=False):
         list(tqdm(pool.map(load, range(len(paths))), total=len(paths), desc="decoding",
                   unit="img", disable=not progress, leave=False))
     return out
+
+
+COCO_GEOMETRY = ("width", "height", "coco_bbox")
+
+
+def has_coco_geometry(records):
+    """Whether a split's records keep each image's original size and the annotation's
+    original COCO box (DATA built by this version; older builds have only the 256-scaled
+    box)."""
+    return all(key in r for r in records.values() for key in COCO_GEOMETRY)
 
 
 def _random_flip():

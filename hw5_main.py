@@ -10,6 +10,7 @@ report's Figs. 14-20, model_sum.txt, results.json and results.md (the run's numb
 beside the report's, with the mean-box baseline and the settings).
 """
 import argparse
+import json
 import logging
 import math
 import os
@@ -17,15 +18,17 @@ import platform
 import sys
 import time
 
+import numpy as np
 import torch
 
-from Dataset import DatasetError, build_dataset
+from Dataset import CLASS_NAMES, DatasetError, MyCOCODataset, build_dataset, has_coco_geometry
 from network import count_parameters, model_summary
 from train import (DeviceBatches, RunFiles, TrainingError, add_training_args, build_model,
                    load_checkpoint, load_datasets, load_model_state, make_criteria, pick_device,
                    seed_everything, train)
-from utils import (box_iou_per_image, display_preds, evaluation, plot_cm, plot_history,
-                   write_json, write_text)
+from utils import (box_iou_per_image, coco_ground_truth, coco_metrics, coco_results,
+                   confusion_matrix, display_preds, evaluation, plot_cm, plot_history,
+                   predictions_from_records, prediction_records, write_json, write_text)
 
 log = logging.getLogger("hw5_main")
 
@@ -78,8 +81,10 @@ def prepare_demo_data(out_dir, args):
 # One model: train, then evaluate its best state on every split
 # ---------------------------------------------------------------------------------
 def run_model(key, loss_name, datasets, out_dir, args, device):
-    """Train the `key` model into OUT/key, reload its best state and evaluate it.
-    Returns (results per split, history)."""
+    """Train the `key` model into OUT/key, reload its best state and evaluate it on every
+    split: the metrics, OUT/key/predictions_{split}.json, and with the original geometry
+    in DATA, OUT/key/coco_results_{split}.json and COCOeval's metrics. Draws the figures
+    from the written predictions. Returns (results per split, history)."""
     train_set, test_set, val_set = datasets
     run_dir = os.path.join(out_dir, key)
     # With --resume, a model that has started continues (or, finished, is only evaluated);
@@ -103,13 +108,16 @@ def run_model(key, loss_name, datasets, out_dir, args, device):
                              amp=args.amp)
         results[split] = {k: v for k, v in res.items() if k != "predictions"}
         results[split]["confusion_matrix"] = cm.tolist()
-        if split == "val":
-            continue
-        plot_cm(cm, os.path.join(out_dir, f"{key}_{split}_cm.png"), loss_name, split,
-                res["accuracy"], res["mean_iou"])
-        display_preds(data.images, res["predictions"], os.path.join(out_dir, f"{key}_{split}_preds.png"),
-                      f"{loss_name} model on {split} data (best epoch {history['best_epoch']}): "
-                      f"ground truth green, prediction red", seed=args.seed)
+        predictions = prediction_records(data.files, data.data, res["predictions"])
+        write_json(predictions, os.path.join(run_dir, f"predictions_{split}.json"))
+        results[split]["coco"] = None
+        if has_coco_geometry(data.data):
+            detections = coco_results(predictions, data.data)
+            write_json(detections, os.path.join(run_dir, f"coco_results_{split}.json"))
+            results[split]["coco"] = coco_metrics(coco_ground_truth(data.files, data.data), detections)
+        if split != "val":
+            draw_split_figures(out_dir, key, loss_name, split, data.images, predictions,
+                               history["best_epoch"], args.seed)
     plot_history(history, os.path.join(out_dir, f"{key}_curves.png"), loss_name)
     log.info("%s model (best epoch %s): train accuracy %.3f mIoU %.3f | test accuracy %.3f "
              "mIoU %.3f", loss_name, history["best_epoch"], results["train"]["accuracy"],
@@ -117,9 +125,82 @@ def run_model(key, loss_name, datasets, out_dir, args, device):
     return results, history
 
 
+def draw_split_figures(out_dir, key, loss_name, split, images, predictions, best_epoch, seed):
+    """The confusion matrix (Figs. 14, 17) and the prediction grid (Figs. 15, 16, 18, 19)
+    of one model on one split, from its prediction records alone: the first drawing and
+    --redraw go through here."""
+    preds = predictions_from_records(predictions)
+    cm = confusion_matrix(preds["label"], preds["pred_label"])
+    accuracy = int((preds["label"] == preds["pred_label"]).sum()) / len(predictions)
+    mean_iou = float(preds["iou"].numpy().mean(dtype=np.float64))
+    plot_cm(cm, os.path.join(out_dir, f"{key}_{split}_cm.png"), loss_name, split, accuracy, mean_iou)
+    display_preds(images, preds, os.path.join(out_dir, f"{key}_{split}_preds.png"),
+                  f"{loss_name} model on {split} data (best epoch {best_epoch}): "
+                  f"ground truth green, prediction red", seed=seed)
+
+
+def redraw(out_dir, data_dir=None):
+    """Every figure of a finished OUT drawn again from what OUT and DATA hold: each
+    model's predictions_{split}.json and history.json, and DATA's 256x256 images. No
+    model is run. A --seeds OUT is redrawn seed by seed. Returns the figures' paths."""
+    run_dirs = sorted(os.path.join(out_dir, d) for d in os.listdir(out_dir)
+                      if d.startswith("seed") and os.path.isdir(os.path.join(out_dir, d, "ciou")))
+    drawn = []
+    for run_dir in run_dirs or [out_dir]:
+        for key, loss_name in MODELS:
+            files = RunFiles(os.path.join(run_dir, key))
+            if not os.path.exists(files.history):
+                raise TrainingError(f"{files.history} is missing: {run_dir} holds no finished "
+                                    f"{loss_name} run to redraw")
+            history = files.read_history()
+            settings = history.get("settings", {})
+            data = data_dir or settings.get("data_dir")
+            if not data or not os.path.isdir(data):
+                raise TrainingError(f"the dataset of {run_dir} ({data}) is not there: give "
+                                    f"--data_dir DATA, the dataset the run was trained on")
+            for split in ("train", "test"):
+                path = os.path.join(files.out_dir, f"predictions_{split}.json")
+                try:
+                    with open(path) as f:
+                        predictions = json.load(f)
+                except (OSError, ValueError) as e:
+                    raise TrainingError(f"{path} is missing or unreadable ({type(e).__name__}); "
+                                        f"it is written when the model is evaluated (run "
+                                        f"again with --resume)") from None
+                images = MyCOCODataset(data, train=split == "train",
+                                       files=[r["file_name"] for r in predictions]).images
+                draw_split_figures(run_dir, key, loss_name, split, images, predictions,
+                                   history["best_epoch"], settings.get("seed", 0))
+                drawn += [os.path.join(run_dir, f"{key}_{split}_{kind}.png") for kind in ("cm", "preds")]
+            plot_history(history, os.path.join(run_dir, f"{key}_curves.png"), loss_name)
+            drawn.append(os.path.join(run_dir, f"{key}_curves.png"))
+    return drawn
+
+
 # ---------------------------------------------------------------------------------
 # Reports
 # ---------------------------------------------------------------------------------
+def coco_markdown(coco):
+    """The COCO detection metrics' table; coco[model][split] is a coco_metrics() dict (or,
+    over seeds, its spread: the mean is shown), None where DATA lacks the geometry."""
+    def cell(v):
+        v = v.get("mean") if isinstance(v, dict) else v
+        return "n/a" if v is None else f"{100 * v:.1f}"
+
+    rows = [(key, name, split, c) for key, name in MODELS for split, c in coco[key].items() if c]
+    if not rows:
+        return []
+    lines = ["COCO detection metrics (pycocotools' COCOeval, bbox, in the original images' pixels; "
+             "AP in per cent):", "",
+             "| model | split | AP | AP50 | AP75 | AP bus | AP cat | AP pizza |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, name, split, c in rows:
+        per_class = " | ".join(cell((c["per_class"].get(cls) or {}).get("AP")) for cls in CLASS_NAMES)
+        lines.append(f"| {name} | {split} | {cell(c['AP'])} | {cell(c['AP50'])} | {cell(c['AP75'])} "
+                     f"| {per_class} |")
+    return lines + [""]
+
+
 SETTINGS_SHOWN = ("device", "data_dir", "n_train", "n_test", "n_val", "epochs", "batch_size", "lr",
                   "lr_schedule", "betas", "seed", "boxes", "backward", "augment", "amp",
                   "learnable_res", "torch", "wall_seconds")
@@ -142,6 +223,9 @@ def results_markdown(results):
     b = results["baseline"]
     lines += ["", f"Mean-box baseline (the training set's mean box for every test image): "
                   f"test mean IoU {b['mean_box_test_iou']:.3f}.", ""]
+    lines += coco_markdown({key: {split: results[key][split].get("coco") for split in
+                                  ("train", "val", "test") if split in results[key]}
+                            for key, _ in MODELS})
     for key, name in MODELS:
         r = results[key]
         skipped = (f"; {r['skipped_steps']} training steps skipped for a non-finite loss or "
@@ -228,8 +312,10 @@ def seeds_markdown(results):
                          f"({100 * a['min']:.1f} to {100 * a['max']:.1f}) | {m['mean']:.3f} ± "
                          f"{m['std']:.3f} ({m['min']:.3f} to {m['max']:.3f}) | {report} |")
     lines += ["", f"Mean-box baseline (the training set's mean box for every test image): "
-                  f"test mean IoU {results['baseline']['mean_box_test_iou']:.3f}.", "",
-              "## Each seed", "",
+                  f"test mean IoU {results['baseline']['mean_box_test_iou']:.3f}.", ""]
+    lines += coco_markdown({key: {split: agg[key][split].get("coco") for split in ("train", "val", "test")
+                                  if split in agg[key]} for key, _ in MODELS})
+    lines += ["## Each seed", "",
               "| seed | model | best epoch | train accuracy | train mean IoU | test accuracy | test mean IoU |",
               "|---|---|---|---|---|---|---|"]
     for seed in seeds:
@@ -277,6 +363,10 @@ def get_args_parser():
                    help=f"--demo: synthetic val (test) images (default {DEMO['n_val']})")
     p.add_argument("--synthetic_seed", type=int, default=None,
                    help=f"--demo: synthetic tree seed (default {DEMO['synthetic_seed']})")
+    p.add_argument("--redraw", action="store_true",
+                   help="draw every figure of a finished OUT again from its predictions_*.json and "
+                        "history.json files and the dataset's images (DATA from the run's settings, "
+                        "or --data_dir); no model is run")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="run the whole experiment once per training seed, into OUT/seed{k}/, and "
                         "write the mean, std, min and max over seeds to OUT/results.json and "
@@ -301,6 +391,8 @@ def get_args_parser():
 def resolve_args(args, parser=None):
     """Fill the options left unset: the demo's values with --demo, else the report's."""
     parser = parser or get_args_parser()
+    if args.redraw:
+        return args
     if args.demo == bool(args.data_dir):
         raise TrainingError("give --data_dir DATA (a dataset built by Dataset.py) or --demo, "
                             "one of the two")
@@ -384,6 +476,10 @@ def experiment_settings(args, device, datasets, n_params, n_layers, t_start):
 
 
 def main(args):
+    if args.redraw:
+        drawn = redraw(args.out_dir, args.data_dir)
+        log.info("redrew %d figures in %s from its predictions and histories", len(drawn), args.out_dir)
+        return drawn
     t_start = time.perf_counter()
     out_dir = args.out_dir
     seeds = args.seeds or [args.seed]
@@ -398,6 +494,10 @@ def main(args):
     # Loaded once for every seed (with --val_fraction, held out with the first seed): the
     # seeds vary training only. Bad data stops here, before OUT is made.
     datasets = load_datasets(args, progress=not args.quiet)
+    if not all(has_coco_geometry(d.data) for d in (datasets[0], datasets[1])):
+        log.warning("%s was built by an older Dataset.py, without each image's original size and "
+                    "COCO box: coco_results_*.json and the COCO metrics are skipped (rebuild it "
+                    "with Dataset.py to have them)", args.data_dir)
     per_seed = {}
     for seed, run_dir in run_dirs.items():
         if args.seeds:

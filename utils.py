@@ -5,6 +5,7 @@ Boxes are [x1, y1, x2, y2] normalised to (0, 1) throughout. Figures take saved r
 running a model again.
 """
 import contextlib
+import io
 import json
 import math
 import os
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from Dataset import CLASS_NAMES, IMAGE_SIZE, draw_box
+from Dataset import CLASS_NAMES, COCO_IDS, IMAGE_SIZE, draw_box
 
 GREEN, RED = (0, 255, 0), (255, 0, 0)  # RGB: ground truth, prediction
 
@@ -145,7 +146,7 @@ def evaluation(model, loader, criterion_cls, criterion_box, device, order=True, 
     Returns (confusion matrix [3, 3], results) where results holds cross_entropy,
     box_loss, accuracy, mean_iou and inverted_fraction (floats; each a mean over
     images, not over batches) and predictions: per-image CPU tensors label, pred_label,
-    box, pred_box and iou. With order=True (the default, as training) the box head's
+    scores (the softmax of the class logits), box, pred_box and iou. With order=True (the default, as training) the box head's
     output goes through order_boxes before the box loss, the metric and the figures;
     order=False passes the raw output, as the report's code did. inverted_fraction is
     measured on the raw output. Both criteria must use reduction='mean' (each batch's
@@ -156,7 +157,7 @@ def evaluation(model, loader, criterion_cls, criterion_box, device, order=True, 
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, device=device, dtype=accumulator_dtype(device))  # ce, box loss, inverted
-    parts = {k: [] for k in ("label", "pred_label", "box", "pred_box", "iou")}
+    parts = {k: [] for k in ("label", "pred_label", "scores", "box", "pred_box", "iou")}
     n = 0
     # Channels-last input: oneDNN's convolutions run the forward pass about 20% faster on
     # the CPU; the results differ from contiguous input only by float rounding.
@@ -175,6 +176,7 @@ def evaluation(model, loader, criterion_cls, criterion_box, device, order=True, 
                                  inverted_fraction(raw)]).to(sums.dtype) * bs
             parts["label"].append(labels)
             parts["pred_label"].append(logits.argmax(1))
+            parts["scores"].append(logits.softmax(1))
             parts["box"].append(boxes)
             parts["pred_box"].append(pred_box)
             parts["iou"].append(box_iou_per_image(pred_box, boxes))
@@ -195,6 +197,91 @@ def evaluation(model, loader, criterion_cls, criterion_box, device, order=True, 
         "predictions": preds,
     }
     return cm, results
+
+
+# ---------------------------------------------------------------------------------
+# Predictions on disk, and COCO's detection metrics
+# ---------------------------------------------------------------------------------
+def prediction_records(files, records, predictions):
+    """One JSON-ready record per image of a split: {"file_name", "image_id", "label",
+    "pred_label", "scores": [p_bus, p_cat, p_pizza], "box", "pred_box", "iou"}, boxes
+    [x1, y1, x2, y2] in the 256x256 image's pixels, pred_box as the metric takes it
+    (ordered, not clipped). Float32 values are written exactly (x 256 is exact), so the
+    figures drawn from these records again are the same figures."""
+    columns = {k: predictions[k].tolist() for k in ("label", "pred_label", "scores", "iou")}
+    boxes = {k: (predictions[k] * IMAGE_SIZE).tolist() for k in ("box", "pred_box")}
+    return [{"file_name": f, "image_id": records[f]["image_id"], "label": columns["label"][i],
+             "pred_label": columns["pred_label"][i], "scores": columns["scores"][i],
+             "box": boxes["box"][i], "pred_box": boxes["pred_box"][i], "iou": columns["iou"][i]}
+            for i, f in enumerate(files)]
+
+
+def predictions_from_records(prediction_list):
+    """The per-image tensors of evaluation() back from prediction_records()."""
+    def column(key, dtype):
+        return torch.tensor([r[key] for r in prediction_list], dtype=dtype)
+    return {"label": column("label", torch.long), "pred_label": column("pred_label", torch.long),
+            "scores": column("scores", torch.float32),
+            "box": column("box", torch.float32) / IMAGE_SIZE,
+            "pred_box": column("pred_box", torch.float32) / IMAGE_SIZE,
+            "iou": column("iou", torch.float32)}
+
+
+def coco_results(prediction_list, records):
+    """The predictions in COCO's results format, the list pycocotools' COCO.loadRes takes:
+    {"image_id", "category_id" (the predicted class's COCO id), "bbox": [x, y, w, h] in the
+    original COCO image's pixels (the resize to 256x256 undone), "score" (the predicted
+    class's probability)}. The box is clipped to the image, as the IoU metric clips it.
+    records: a split's records with the original geometry (Dataset.has_coco_geometry)."""
+    out = []
+    for r in prediction_list:
+        rec = records[r["file_name"]]
+        sx, sy = rec["width"] / IMAGE_SIZE, rec["height"] / IMAGE_SIZE
+        x1, y1, x2, y2 = (min(max(v, 0.0), IMAGE_SIZE) for v in r["pred_box"])
+        out.append({"image_id": r["image_id"], "category_id": COCO_IDS[r["pred_label"]],
+                    "bbox": [x1 * sx, y1 * sy, max(x2 - x1, 0.0) * sx, max(y2 - y1, 0.0) * sy],
+                    "score": r["scores"][r["pred_label"]]})
+    return out
+
+
+def coco_ground_truth(files, records):
+    """A pycocotools COCO of a split's ground truth: each kept image with its one dominant
+    annotation, in the original image's pixels."""
+    from pycocotools.coco import COCO
+    gt = COCO()
+    gt.dataset = {
+        "images": [{"id": records[f]["image_id"], "file_name": f, "width": records[f]["width"],
+                    "height": records[f]["height"]} for f in files],
+        "annotations": [{"id": records[f]["id"], "image_id": records[f]["image_id"],
+                         "category_id": records[f]["category_id"], "bbox": records[f]["coco_bbox"],
+                         "area": records[f]["area"], "iscrowd": 0} for f in files],
+        "categories": [{"id": cid, "name": name} for cid, name in zip(COCO_IDS, CLASS_NAMES)],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt.createIndex()
+    return gt
+
+
+def coco_metrics(gt, results):
+    """COCOeval (iouType "bbox") of results against gt: {"AP" (AP@[.5:.95]), "AP50",
+    "AP75", "per_class": {"bus": {...}, "cat": {...}, "pizza": {...}}}, fractions; None
+    where COCOeval has nothing to score (-1: a class the split does not have)."""
+    from pycocotools.cocoeval import COCOeval
+
+    def evaluate(category_ids=None):
+        ev = COCOeval(gt, detections, "bbox")
+        if category_ids is not None:
+            ev.params.catIds = category_ids
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+        return {k: (float(v) if v >= 0 else None) for k, v in zip(("AP", "AP50", "AP75"), ev.stats[:3])}
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        detections = gt.loadRes(results)
+        metrics = evaluate()
+        metrics["per_class"] = {name: evaluate([cid]) for cid, name in zip(COCO_IDS, CLASS_NAMES)}
+    return metrics
 
 
 # ---------------------------------------------------------------------------------

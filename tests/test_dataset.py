@@ -335,3 +335,45 @@ def test_resize_averages_an_axis_that_shrinks_while_the_other_grows():
     gradient = np.tile(np.linspace(0, 255, 100, dtype=np.float32)[None, :, None], (100, 1, 3)).astype(np.uint8)
     grown = Dataset.resize_image(gradient)  # both axes grow: bilinear, smooth
     assert np.abs(np.diff(grown[0, :, 0].astype(int))).max() <= 2
+
+
+def perfect_predictions(ds):
+    """evaluation()'s per-image tensors for a model that is always right."""
+    return {"label": ds.labels, "pred_label": ds.labels,
+            "scores": torch.nn.functional.one_hot(ds.labels, 3).float(), "box": ds.boxes,
+            "pred_box": ds.boxes, "iou": torch.ones(len(ds))}
+
+
+def test_records_keep_the_original_geometry_and_coco_outputs_undo_the_resize(coco_mini_dir, mini_data):
+    """On real COCO photos: each record keeps the image's size and the annotation's COCO box;
+    a prediction equal to the 256-scaled ground truth comes back in COCO's pixels as the
+    annotation's own box, and COCOeval scores such predictions AP 1 for every class the
+    split has (None for one it has not)."""
+    import utils
+    out, _ = mini_data
+    with open(os.path.join(coco_mini_dir, "annotations", "instances_val2017.json")) as f:
+        coco = json.load(f)
+    anns = {a["id"]: a for a in coco["annotations"]}
+    sizes = {im["file_name"]: (im["width"], im["height"]) for im in coco["images"]}
+    ds = MyCOCODataset(out, train=False)
+    assert Dataset.has_coco_geometry(ds.data)
+    for f in ds.files:
+        r = ds.data[f]
+        assert (r["width"], r["height"]) == sizes[f] and r["coco_bbox"] == anns[r["id"]]["bbox"]
+    predictions = utils.prediction_records(ds.files, ds.data, perfect_predictions(ds))
+    detections = utils.coco_results(predictions, ds.data)
+    for f, d in zip(ds.files, detections):
+        assert d["bbox"] == pytest.approx(anns[ds.data[f]["id"]]["bbox"], abs=1e-3)
+        assert d["category_id"] == ds.data[f]["category_id"] and d["score"] == 1.0
+    metrics = utils.coco_metrics(utils.coco_ground_truth(ds.files, ds.data), detections)
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
+    present = {Dataset.CLASS_NAMES[int(c)] for c in ds.labels}
+    for name, per_class in metrics["per_class"].items():
+        if name in present:
+            assert per_class["AP"] == pytest.approx(1.0)
+        else:
+            assert per_class == {"AP": None, "AP50": None, "AP75": None}
+    # Wrong classes, right boxes: nothing is detected.
+    wrong = {**perfect_predictions(ds), "pred_label": (ds.labels + 1) % 3}
+    missed = utils.coco_results(utils.prediction_records(ds.files, ds.data, wrong), ds.data)
+    assert utils.coco_metrics(utils.coco_ground_truth(ds.files, ds.data), missed)["AP"] == 0.0

@@ -14,6 +14,12 @@ FIGURES = [f"{model}_{split}_{kind}.png" for model in ("ciou", "mse")
                                                                           "mse_curves.png"]
 
 
+# A tiny run of a small HW5Net on the CPU, where the network is not what is tested.
+TINY_TRAINING = ["--epochs", "1", "--batch_size", "4", "--quiet", "--width", "2", "--n_blocks", "1",
+                 "--device", "cpu"]
+TINY_DEMO = ["--demo", "--n_train", "24", "--n_val", "12", *TINY_TRAINING]
+
+
 def parse(*argv):
     return hw5_main.resolve_args(hw5_main.get_args_parser().parse_args(list(argv)))
 
@@ -28,7 +34,9 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
     for name in FIGURES + ["model_sum.txt", "results.json", "results.md"]:
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     for model in ("ciou", "mse"):  # finished: no checkpoint.pt (2.5 GB each) is left
-        assert sorted(os.listdir(os.path.join(out, model))) == ["best_model.pt", "history.json"]
+        assert sorted(os.listdir(os.path.join(out, model))) == [
+            "best_model.pt", "coco_results_test.json", "coco_results_train.json", "history.json",
+            "predictions_test.json", "predictions_train.json"]
     leftovers = [f for _, _, files in os.walk(out) for f in files if ".tmp" in f]
     assert leftovers == []
 
@@ -57,6 +65,38 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
     ciou_test = saved["ciou"]["test"]
     assert f"| CIoU | test | {100 * ciou_test['accuracy']:.1f}% | {ciou_test['mean_iou']:.3f} | 88.9% | 0.61 |" in md
     assert "Mean-box baseline" in md and "synthetic data" in md
+
+    # Predictions on disk, per model and split, agree with the numbers; COCO's results
+    # format loads into pycocotools; the COCO metrics are in results.json.
+    from pycocotools.coco import COCO
+    for model in ("ciou", "mse"):
+        for split, n in (("train", n_train), ("test", n_test)):
+            with open(os.path.join(out, model, f"predictions_{split}.json")) as f:
+                preds = json.load(f)
+            assert len(preds) == n and set(preds[0]) == {"file_name", "image_id", "label", "pred_label",
+                                                          "scores", "box", "pred_box", "iou"}
+            r = saved[model][split]
+            assert sum(p["label"] == p["pred_label"] for p in preds) / n == pytest.approx(r["accuracy"])
+            assert sum(p["iou"] for p in preds) / n == pytest.approx(r["mean_iou"])
+            assert all(abs(sum(p["scores"]) - 1) < 1e-5 and p["pred_label"] == max(range(3), key=p["scores"].__getitem__)
+                       for p in preds)
+            gt = COCO(os.path.join(out, "synthetic_coco", "annotations",
+                                   f"instances_{'train' if split == 'train' else 'val'}2014.json"))
+            detections = gt.loadRes(os.path.join(out, model, f"coco_results_{split}.json"))
+            assert len(detections.getAnnIds()) == n
+            coco = r["coco"]
+            assert set(coco) == {"AP", "AP50", "AP75", "per_class"} and 0.0 <= coco["AP"] <= coco["AP50"] <= 1.0
+            assert set(coco["per_class"]) == {"bus", "cat", "pizza"}
+    assert "COCO detection metrics" in md
+
+    # Every figure drawn again from OUT alone (no model) is the same, pixel for pixel.
+    import cv2
+    first = {name: cv2.imread(os.path.join(out, name)) for name in FIGURES}
+    for name in FIGURES:
+        os.remove(os.path.join(out, name))
+    hw5_main.main(parse("--out_dir", out, "--redraw"))
+    for name in FIGURES:
+        assert (cv2.imread(os.path.join(out, name)) == first[name]).all(), name
 
     # The best CIoU model's weights give the recorded test accuracy.
     from Dataset import MyCOCODataset
@@ -109,10 +149,6 @@ def test_mean_box_baseline():
     train_boxes = torch.tensor([[0.0, 0.0, 0.4, 0.5], [0.0, 0.0, 0.6, 0.5]])  # mean [0, 0, .5, .5]
     test_boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.5, 1.0]])
     assert hw5_main.mean_box_baseline(train_boxes, test_boxes) == pytest.approx((1 + 0 + 0.5) / 3)
-
-
-TINY_DEMO = ["--demo", "--n_train", "24", "--n_val", "12", "--epochs", "1", "--batch_size", "4",
-             "--quiet", "--width", "2", "--n_blocks", "1", "--device", "cpu"]
 
 
 def test_seeds_run_the_experiment_per_seed_and_aggregate_their_spread(tmp_path):
@@ -184,3 +220,28 @@ def test_spread_of_numbers_nested_and_missing():
                                       {"a": 3, "m": [[2]], "c": {"AP": 0.7, "bus": None}}])
     assert got["a"]["mean"] == 2 and got["a"]["std"] == pytest.approx(2 ** 0.5)
     assert "m" not in got and got["c"]["AP"]["max"] == 0.7 and got["c"]["bus"] is None
+
+
+def test_data_built_without_the_original_geometry_is_said_and_skips_coco_outputs(tmp_path, caplog):
+    import logging
+    import pickle
+    from synthetic_coco import make_synthetic_coco
+    from Dataset import build_dataset
+    make_synthetic_coco(str(tmp_path / "coco"), n_train=24, n_val=12, seed=2)
+    data = str(tmp_path / "data")
+    build_dataset(str(tmp_path / "coco"), data, workers=1, progress=False, figure=False)
+    for split in ("train_data", "test_data"):  # as an older Dataset.py wrote them
+        path = os.path.join(data, f"{split}.pkl")
+        with open(path, "rb") as f:
+            records = pickle.load(f)
+        for r in records.values():
+            del r["width"], r["height"], r["coco_bbox"]
+        with open(path, "wb") as f:
+            pickle.dump(records, f)
+    out = str(tmp_path / "out")
+    with caplog.at_level(logging.WARNING, logger="hw5_main"):
+        results = hw5_main.main(parse("--data_dir", data, "--out_dir", out, *TINY_TRAINING))
+    assert [r.getMessage() for r in caplog.records if "older Dataset.py" in r.getMessage()]
+    assert results["ciou"]["test"]["coco"] is None
+    assert sorted(os.listdir(os.path.join(out, "mse"))) == ["best_model.pt", "history.json",
+                                                           "predictions_test.json", "predictions_train.json"]

@@ -242,3 +242,39 @@ def test_figures_write_pngs(tmp_path):
     assert png_shape(tmp_path / "preds.png") == (900, 1350)
     assert png_shape(tmp_path / "curves.png") == (360, 1680)
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_prediction_records_round_trip_exactly_and_coco_results_clip_and_rescale():
+    import json
+    preds = {"label": torch.tensor([0, 1]), "pred_label": torch.tensor([0, 2]),
+             "scores": torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]),
+             "box": torch.rand(2, 4), "pred_box": torch.tensor([[0.1, 0.2, 0.5, 0.6], [-0.25, 0.5, 0.25, 1.5]]),
+             "iou": torch.rand(2)}
+    records = {"a.jpg": {"image_id": 1, "width": 640, "height": 480},
+               "b.jpg": {"image_id": 2, "width": 320, "height": 512}}
+    saved = json.loads(json.dumps(utils.prediction_records(["a.jpg", "b.jpg"], records, preds)))
+    assert saved[1]["pred_box"] == [-64.0, 128.0, 64.0, 384.0]  # 256x256 pixels, not clipped
+    assert saved[0]["file_name"] == "a.jpg" and saved[1]["image_id"] == 2 and saved[1]["pred_label"] == 2
+    back = utils.predictions_from_records(saved)
+    for k, v in preds.items():
+        assert torch.equal(back[k], v), k  # exactly: figures drawn again are the same
+    coco = utils.coco_results(saved, records)
+    assert coco[0] == {"image_id": 1, "category_id": 6, "bbox": pytest.approx([64.0, 96.0, 256.0, 192.0]),
+                       "score": pytest.approx(0.7)}
+    # Clipped to the image as the IoU metric clips it, then in the image's own pixels.
+    assert coco[1]["category_id"] == 59 and coco[1]["bbox"] == pytest.approx([0.0, 256.0, 80.0, 256.0])
+
+
+def test_coco_metrics_per_class_and_a_class_the_split_lacks():
+    records = {f"{i}.jpg": {"image_id": i, "id": 100 + i, "category_id": (6, 17)[i % 2], "width": 100,
+                            "height": 100, "coco_bbox": [10.0, 10.0, 50.0, 50.0], "area": 2500.0}
+               for i in range(4)}
+    files = sorted(records)
+    gt = utils.coco_ground_truth(files, records)
+    right = [{"image_id": i, "category_id": (6, 17)[i % 2], "bbox": [10.0, 10.0, 50.0, 50.0], "score": 0.9}
+             for i in range(4)]
+    shifted = [{**d, "bbox": [35.0, 10.0, 50.0, 50.0]} if d["category_id"] == 17 else d for d in right]
+    m = utils.coco_metrics(gt, shifted)  # cats' boxes at IoU 1/3: missed at every threshold
+    assert m["per_class"]["bus"] == {"AP": pytest.approx(1.0), "AP50": pytest.approx(1.0), "AP75": pytest.approx(1.0)}
+    assert m["per_class"]["cat"]["AP"] == 0.0 and m["per_class"]["pizza"]["AP"] is None
+    assert m["AP"] == pytest.approx(0.5)  # the mean over the classes the split has

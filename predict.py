@@ -1,0 +1,213 @@
+"""The detector on any image: a trained HW5Net's class and box for each photo given.
+
+    python predict.py --weights runs/demo/ciou/best_model.pt --out_dir PRED photo.jpg photos/
+
+Each image (JPEG or PNG, any size, grayscale or RGBA) is shown to the model as Dataset.py
+prepares COCO's: decoded to RGB and resized to 256x256 with resize_image. A photo's EXIF
+orientation is applied first, so the image and its box are as a viewer shows them
+(COCO's boxes, and so the training data, refer to the stored pixels instead). PRED
+receives predictions.json, one record per image: {"file", "class", "score", "scores":
+{"bus", "cat", "pizza"}, "bbox_xyxy": [x1, y1, x2, y2] in the image's own pixels, inside
+the image, "overlay"}, and for each image an overlay PNG with the box and "class score"
+drawn on it. The architecture is read from history.json beside the weights (every run
+of train.py and hw5_main.py writes it), else taken from --width, --n_blocks and
+--learnable_res.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from Dataset import CLASS_NAMES, IMAGE_SIZE, draw_box, resize_image
+from network import HW5Net
+from train import TrainingError, load_checkpoint, load_model_state, pick_device
+from utils import autocast, order_boxes, write_json
+
+log = logging.getLogger("predict")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+ARCHITECTURE = {"width": 8, "n_blocks": 5, "learnable_res": False}  # train.py's defaults
+BOX_COLOUR = (255, 0, 0)  # RGB, the prediction's colour in the report's figures
+
+
+def find_images(inputs):
+    """The image files named by inputs, in order: a file as given, a directory's JPEG and
+    PNG files (searched recursively, sorted). Raises TrainingError for a path that does
+    not exist."""
+    found = []
+    for path in inputs:
+        if os.path.isdir(path):
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                found += [os.path.join(root, f) for f in sorted(files)
+                          if f.lower().endswith(IMAGE_EXTENSIONS)]
+        elif os.path.isfile(path):
+            found.append(path)
+        else:
+            raise TrainingError(f"{path}: no such file or directory")
+    return found
+
+
+def read_image(path):
+    """HxWx3 uint8 RGB as a viewer shows the file (EXIF orientation applied; grayscale and
+    RGBA become RGB, as Dataset.read_rgb), or None when it is not a decodable image."""
+    try:
+        raw = np.fromfile(path, np.uint8)
+    except OSError:
+        return None
+    img = cv2.imdecode(raw, cv2.IMREAD_COLOR) if raw.size else None
+    return None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def overlay_names(paths):
+    """A unique PNG name per input: the file's name with its extension kept in the stem
+    (x.jpg -> x_jpg.png, x.png -> x_png.png), and -2, -3, ... for the same name found in
+    different folders."""
+    names, seen = [], {}
+    for path in paths:
+        stem, ext = os.path.splitext(os.path.basename(path))
+        base = f"{stem}_{ext.lstrip('.').lower()}" if ext else stem
+        seen[base] = seen.get(base, 0) + 1
+        names.append(f"{base}.png" if seen[base] == 1 else f"{base}-{seen[base]}.png")
+    return names
+
+
+def architecture(weights, args):
+    """(width, n_blocks, learnable_res): from the settings in history.json beside the
+    weights when it is there, else from the options (train.py's defaults when unset). An
+    option that contradicts the saved settings is an error."""
+    history = os.path.join(os.path.dirname(os.path.abspath(weights)), "history.json")
+    settings = {}
+    if os.path.exists(history):
+        try:
+            with open(history) as f:
+                settings = json.load(f).get("settings", {})
+        except (OSError, ValueError):
+            log.warning("%s is unreadable: the architecture is taken from the options", history)
+    arch = {}
+    for key, default in ARCHITECTURE.items():
+        given = getattr(args, key)
+        if key in settings:
+            if given is not None and given != settings[key]:
+                raise TrainingError(f"--{key} {given} contradicts {history}, which says the weights "
+                                    f"were trained with {key} {settings[key]}")
+            arch[key] = settings[key]
+        else:
+            arch[key] = default if given is None else given
+    return arch
+
+
+def predict_batch(model, images, device, amp=False):
+    """(class probabilities [N, 3], boxes [N, 4] ordered, normalised, clipped to [0, 1]) for
+    a list of 256x256 RGB uint8 arrays."""
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(device).float().div_(255.0)
+    with torch.no_grad(), autocast(device, amp):
+        logits, raw = model(batch)
+    return logits.float().softmax(1).cpu(), order_boxes(raw.float()).clamp(0, 1).cpu()
+
+
+def draw_overlay(img, box, text):
+    """The image (RGB) with the box and its label drawn, line and lettering scaled with the
+    image so that they read alike on a thumbnail and on a 4000-pixel photo."""
+    scale = max(img.shape[:2]) / 512
+    return draw_box(img.copy(), box, BOX_COLOUR, text, thickness=max(2, round(2 * scale)),
+                    font_scale=max(0.45, 0.45 * scale))
+
+
+def write_png(img_rgb, path):
+    tmp = path + ".tmp.png"
+    if not cv2.imwrite(tmp, cv2.cvtColor(img_rgb, cv2.COLOR_RGB2BGR)):
+        raise TrainingError(f"cannot write {path}")
+    os.replace(tmp, path)
+
+
+def predict(model, paths, out_dir, device, batch_size=32, amp=False, progress=True):
+    """Predict every image of paths and write PRED's files. Returns the records; images
+    that cannot be decoded are skipped with a warning each."""
+    os.makedirs(out_dir, exist_ok=True)
+    names = overlay_names(paths)
+    records, skipped = [], 0
+    bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress, leave=False)
+    for start in range(0, len(paths), batch_size):
+        chunk = []
+        for path, name in zip(paths[start:start + batch_size], names[start:start + batch_size]):
+            img = read_image(path)
+            if img is None:
+                log.warning("skipped %s: not a decodable image", path)
+                skipped += 1
+                continue
+            chunk.append((path, name, img))
+        if chunk:
+            probs, boxes = predict_batch(model, [resize_image(img) for _, _, img in chunk], device, amp)
+            for (path, name, img), p, box in zip(chunk, probs.tolist(), boxes.tolist()):
+                h, w = img.shape[:2]
+                xyxy = [box[0] * w, box[1] * h, box[2] * w, box[3] * h]  # the resize undone
+                c = int(np.argmax(p))
+                records.append({"file": path, "class": CLASS_NAMES[c], "score": p[c],
+                                "scores": dict(zip(CLASS_NAMES, p)), "bbox_xyxy": xyxy,
+                                "overlay": name})
+                write_png(draw_overlay(img, xyxy, f"{CLASS_NAMES[c]} {p[c]:.2f}"),
+                          os.path.join(out_dir, name))
+        bar.update(min(batch_size, len(paths) - start))
+    bar.close()
+    if not records:
+        raise TrainingError(f"none of the {len(paths)} file(s) given is a decodable image")
+    write_json(records, os.path.join(out_dir, "predictions.json"))
+    log.info("%d image(s) predicted into %s%s", len(records), out_dir,
+             f"; {skipped} skipped (not decodable)" if skipped else "")
+    return records
+
+
+def load_model(weights, args, device):
+    if not os.path.isfile(weights):
+        raise TrainingError(f"--weights {weights}: no such file (a best_model.pt written by "
+                            f"train.py or hw5_main.py)")
+    arch = architecture(weights, args)
+    model = HW5Net(**arch)
+    load_model_state(model, load_checkpoint(weights), weights)  # onto the CPU, then moved
+    return model.to(device).eval()
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="image files, and directories searched for .jpg, .jpeg and .png files")
+    p.add_argument("--weights", required=True, help="a best_model.pt (state_dict) of train.py or hw5_main.py")
+    p.add_argument("--out_dir", required=True, help="where predictions.json and the overlays go")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast for the forward pass")
+    for key, default in ARCHITECTURE.items():
+        kind = {"action": "store_const", "const": True} if isinstance(default, bool) else {"type": int}
+        p.add_argument(f"--{key}", default=None, **kind,
+                       help=f"the model's {key}, when no history.json is beside the weights "
+                            f"(then default {default}, train.py's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(args):
+    paths = find_images(args.inputs)
+    if not paths:
+        raise TrainingError(f"no .jpg, .jpeg or .png file in {' '.join(args.inputs)}")
+    if args.batch_size < 1:
+        raise TrainingError(f"--batch_size must be at least 1, not {args.batch_size}")
+    device = pick_device(args.device)
+    model = load_model(args.weights, args, device)
+    return predict(model, paths, args.out_dir, device, args.batch_size, args.amp, not args.quiet)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        main(get_args_parser().parse_args())
+    except TrainingError as e:
+        log.error("%s", e)
+        sys.exit(2)
