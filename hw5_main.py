@@ -503,16 +503,17 @@ def main(args):
         if args.seeds:
             log.info("seed %d of %s: %s", seed, " ".join(map(str, seeds)), run_dir)
         run_args = argparse.Namespace(**{**vars(args), "seed": seed, "seeds": None})
-        per_seed[seed] = run_experiment(run_args, run_dir, datasets, device, time.perf_counter())
-    if not args.seeds:
-        results = per_seed[args.seed]
-        results["settings"]["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-        write_json(results, os.path.join(out_dir, "results.json"))
-    else:
+        # A single run's wall time counts from the command's start (data included).
+        per_seed[seed] = run_experiment(run_args, run_dir, datasets, device,
+                                        time.perf_counter() if args.seeds else t_start)
+    if args.seeds:
         results = aggregate_results(per_seed, round(time.perf_counter() - t_start, 1))
+        markdown = seeds_markdown(results)
         write_json(results, os.path.join(out_dir, "results.json"))
-    markdown = results_markdown(results) if not args.seeds else seeds_markdown(results)
-    write_text(markdown, os.path.join(out_dir, "results.md"))
+        write_text(markdown, os.path.join(out_dir, "results.md"))
+    else:
+        results = per_seed[args.seed]
+        markdown = results_markdown(results)
     print(markdown)
     log.info("outputs in %s (results.md, results.json, figures; models in %s)", out_dir,
              ", ".join(os.path.join(d, m) for d in run_dirs.values() for m in ("ciou", "mse")))

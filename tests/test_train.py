@@ -322,6 +322,25 @@ def test_a_last_batch_of_one_image_is_skipped_not_a_crash(tiny_data, tmp_path):
     assert len(history["train"]["accuracy"]) == 1 and history["best_epoch"] == 1
 
 
+def test_a_last_batch_of_under_half_a_batch_is_skipped(tiny_data, tmp_path, monkeypatch):
+    assert [train.drops_small_last_batch(n, 16) for n in (610, 3789, 609, 608, 615, 616)] == [
+        True, False, True, False, True, False]  # 2, 13, 1, 0, 7 (under 8), 8 (kept) left over
+    assert train.drops_small_last_batch(3, 2) and not train.drops_small_last_batch(6, 4)  # 1 of 2; 2 of 4
+    # The demo's case: a last batch of 2 images is not trained on.
+    n = len(MyCOCODataset(tiny_data, train=True))
+    sizes = []
+    one_epoch = train.train_one_epoch
+
+    def counting(model, data, *a, **kw):
+        sizes.extend(len(b["label"]) for b in data)
+        return one_epoch(model, data, *a, **kw)
+
+    monkeypatch.setattr(train, "train_one_epoch", counting)
+    train.main(args_for(tiny_data, str(tmp_path / "run"), "--epochs", "1",
+                        "--batch_size", str(n - 2), "--loss", "mse", *SMALL))
+    assert sizes == [n - 2]
+
+
 def test_subset_of_every_file_shares_the_cache_and_drops_the_flip(tiny_data):
     # hw5_main evaluates the training split without augmentation through this.
     full = MyCOCODataset(tiny_data, train=True, augment=True)
