@@ -132,8 +132,11 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
 def test_options_resolve_to_the_report_or_the_demo():
     full = parse("--data_dir", "d", "--out_dir", "o")
     assert full.epochs == 30 and full.single_backward is False and full.batch_size == 16
+    assert full.lr_schedule == "constant" and full.warmup_epochs == 0 and full.lr == 1e-3
     demo = parse("--demo", "--out_dir", "o")
     assert demo.epochs == hw5_main.DEMO["epochs"] and demo.single_backward is True
+    assert demo.lr_schedule == "cosine" and demo.warmup_epochs == 1 and demo.lr == 1e-3
+    assert parse("--demo", "--out_dir", "o", "--lr_schedule", "constant").lr_schedule == "constant"
     assert demo.n_train == hw5_main.DEMO["n_train"]
     assert parse("--demo", "--out_dir", "o", "--epochs", "2").epochs == 2
     assert parse("--data_dir", "d", "--out_dir", "o", "--single_backward").single_backward is True
