@@ -1,7 +1,7 @@
 """The report's experiment (Section 4): HW5Net trained with CIoU and with MSE, compared.
 
     python hw5_main.py --data_dir data/hw5 --out_dir runs/hw5     # on a dataset built by Dataset.py
-    python hw5_main.py --demo --out_dir runs/demo                  # no COCO: synthetic data, ~10 min on 2 CPU cores
+    python hw5_main.py --demo --out_dir runs/demo                  # no COCO: synthetic data, ~12 min on 2 CPU cores
 
 Trains both models (train.py), evaluates the best of each on the training and test
 splits, and writes into OUT: ciou/ and mse/ (best_model.pt and history.json; checkpoint.pt
@@ -24,8 +24,8 @@ import torch
 from Dataset import CLASS_NAMES, DatasetError, MyCOCODataset, build_dataset, has_coco_geometry
 from network import count_parameters, model_summary
 from train import (DeviceBatches, RunFiles, TrainingError, add_training_args, build_model,
-                   load_checkpoint, load_datasets, load_model_state, make_criteria, pick_device,
-                   seed_everything, train)
+                   check_training_args, load_checkpoint, load_datasets, load_model_state,
+                   make_criteria, pick_device, seed_everything, train)
 from utils import (box_iou_per_image, coco_ground_truth, coco_metrics, coco_results,
                    confusion_matrix, display_preds, evaluation, plot_cm, plot_history,
                    predictions_from_records, prediction_records, write_json, write_text)
@@ -40,7 +40,7 @@ REPORT = {
     "mse": {"train": {"accuracy": 0.994, "mean_iou": 0.67}, "test": {"accuracy": 0.896, "mean_iou": 0.57}},
 }
 
-# The demo: a synthetic COCO tree small enough for about 10 minutes on 2 CPU cores
+# The demo: a synthetic COCO tree small enough for about 12 minutes on 2 CPU cores
 # (a --single_backward training step of HW5Net at batch 16 costs 0.6 to 1 s there).
 # Each option that is left unset on the command line takes the demo's value with
 # --demo and train.py's default (the report's) without.
@@ -144,10 +144,27 @@ def draw_split_figures(out_dir, key, loss_name, split, images, predictions, best
                   f"ground truth green, prediction red", seed=seed)
 
 
+def find_data_dir(run_dir, given=None, recorded=None):
+    """The dataset a run in run_dir was trained on: --data_dir when given; else the one its
+    settings record, if it is still there; else a demo's, inside OUT (OUT/data, or beside
+    the seed{k}/ folders), which moves with OUT."""
+    if given:
+        candidates = [given]
+    else:
+        candidates = [recorded, os.path.join(run_dir, "data"), os.path.join(run_dir, os.pardir, "data")]
+    for candidate in candidates:
+        if candidate and os.path.exists(os.path.join(candidate, "train_data.pkl")):
+            return candidate
+    raise TrainingError(f"the dataset of {run_dir} is not at {given or recorded}: give --data_dir "
+                        f"DATA, the dataset the run was trained on")
+
+
 def redraw(out_dir, data_dir=None):
     """Every figure of a finished OUT drawn again from what OUT and DATA hold: each
     model's predictions_{split}.json and history.json, and DATA's 256x256 images. No
     model is run. A --seeds OUT is redrawn seed by seed. Returns the figures' paths."""
+    if not os.path.isdir(out_dir):
+        raise TrainingError(f"--out_dir {out_dir}: no such directory (an OUT that hw5_main.py wrote)")
     run_dirs = sorted(os.path.join(out_dir, d) for d in os.listdir(out_dir)
                       if d.startswith("seed") and os.path.isdir(os.path.join(out_dir, d, "ciou")))
     drawn = []
@@ -159,10 +176,7 @@ def redraw(out_dir, data_dir=None):
                                     f"{loss_name} run to redraw")
             history = files.read_history()
             settings = history.get("settings", {})
-            data = data_dir or settings.get("data_dir")
-            if not data or not os.path.isdir(data):
-                raise TrainingError(f"the dataset of {run_dir} ({data}) is not there: give "
-                                    f"--data_dir DATA, the dataset the run was trained on")
+            data = find_data_dir(run_dir, data_dir, settings.get("data_dir"))
             for split in ("train", "test"):
                 path = os.path.join(files.out_dir, f"predictions_{split}.json")
                 try:
@@ -460,7 +474,7 @@ def run_experiment(args, out_dir, datasets, device, t_start):
 def experiment_settings(args, device, datasets, n_params, n_layers, t_start):
     train_set, test_set, val_set = datasets
     settings = {
-        "demo": args.demo, "device": str(device), "data_dir": args.data_dir,
+        "demo": args.demo, "device": str(device), "data_dir": os.path.abspath(args.data_dir),
         "n_train": len(train_set), "n_test": len(test_set),
         "n_val": len(val_set) if val_set is not None else 0,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
@@ -495,10 +509,16 @@ def main(args):
                 raise TrainingError(f"{out_dir} already holds a run ({os.path.relpath(run_dir, out_dir)}); "
                                     f"pass --resume to continue it, or choose another --out_dir")
     device = pick_device(args.device)
+    try:  # needed after training, for the COCO metrics: say so now, not hours later
+        import pycocotools.cocoeval  # noqa: F401
+    except ImportError:
+        raise TrainingError("pycocotools is not installed: pip install -r requirements.txt") from None
+    check_training_args(args, 2, device)  # the options alone, before the demo's data is drawn
     args.data_dir = prepare_demo_data(out_dir, args) if args.demo else args.data_dir
     # Loaded once for every seed (with --val_fraction, held out with the first seed): the
     # seeds vary training only. Bad data stops here, before OUT is made.
     datasets = load_datasets(args, progress=not args.quiet)
+    check_training_args(args, len(datasets[0]), device)
     if not all(has_coco_geometry(d.data) for d in (datasets[0], datasets[1])):
         log.warning("%s was built by an older Dataset.py, without each image's original size and "
                     "COCO box: coco_results_*.json and the COCO metrics are skipped (rebuild it "

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from Dataset import CLASS_NAMES, IMAGE_SIZE, draw_box, resize_image
 from network import HW5Net
 from train import TrainingError, load_checkpoint, load_model_state, pick_device
-from utils import autocast, order_boxes, write_json
+from utils import autocast, autocast_problem, order_boxes, write_json
 
 log = logging.getLogger("predict")
 
@@ -36,15 +36,16 @@ ARCHITECTURE = {"width": 8, "n_blocks": 5, "learnable_res": False}  # train.py's
 BOX_COLOUR = (255, 0, 0)  # RGB, the prediction's colour in the report's figures
 
 
-def find_images(inputs):
+def find_images(inputs, skip_dir=None):
     """The image files named by inputs, in order: a file as given, a directory's JPEG and
-    PNG files (searched recursively, sorted). Raises TrainingError for a path that does
-    not exist."""
+    PNG files (searched recursively, sorted; skip_dir, where the overlays go, is left
+    out). Raises TrainingError for a path that does not exist."""
     found = []
+    skip = os.path.realpath(skip_dir) if skip_dir else None
     for path in inputs:
         if os.path.isdir(path):
             for root, dirs, files in os.walk(path):
-                dirs.sort()
+                dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) != skip)
                 found += [os.path.join(root, f) for f in sorted(files)
                           if f.lower().endswith(IMAGE_EXTENSIONS)]
         elif os.path.isfile(path):
@@ -67,14 +68,15 @@ def read_image(path):
 
 def overlay_names(paths):
     """A unique PNG name per input: the file's name with its extension kept in the stem
-    (x.jpg -> x_jpg.png, x.png -> x_png.png), and -2, -3, ... for the same name found in
-    different folders."""
+    (x.jpg -> x_jpg.png, x.png -> x_png.png), and -2, -3, ... for the same name, in any
+    case, found in different folders."""
     names, seen = [], {}
     for path in paths:
         stem, ext = os.path.splitext(os.path.basename(path))
         base = f"{stem}_{ext.lstrip('.').lower()}" if ext else stem
-        seen[base] = seen.get(base, 0) + 1
-        names.append(f"{base}.png" if seen[base] == 1 else f"{base}-{seen[base]}.png")
+        key = base.lower()  # Cat.jpg and cat.jpg: one file on a case-insensitive disk (macOS)
+        seen[key] = seen.get(key, 0) + 1
+        names.append(f"{base}.png" if seen[key] == 1 else f"{base}-{seen[key]}.png")
     return names
 
 
@@ -170,7 +172,12 @@ def load_model(weights, args, device):
                             f"train.py or hw5_main.py)")
     arch = architecture(weights, args)
     model = HW5Net(**arch)
-    load_model_state(model, load_checkpoint(weights), weights)  # onto the CPU, then moved
+    state = load_checkpoint(weights)  # onto the CPU, then moved
+    if "model" in state and "optimizer" in state:  # a checkpoint.pt kept with --keep_checkpoint
+        log.info("%s is a training checkpoint: its last epoch's weights are used (the best "
+                 "epoch's are in best_model.pt beside it)", weights)
+        state = state["model"]
+    load_model_state(model, state, weights)
     return model.to(device).eval()
 
 
@@ -194,12 +201,14 @@ def get_args_parser():
 
 
 def main(args):
-    paths = find_images(args.inputs)
+    paths = find_images(args.inputs, skip_dir=args.out_dir)
     if not paths:
         raise TrainingError(f"no .jpg, .jpeg or .png file in {' '.join(args.inputs)}")
     if args.batch_size < 1:
         raise TrainingError(f"--batch_size must be at least 1, not {args.batch_size}")
     device = pick_device(args.device)
+    if args.amp and autocast_problem(device):
+        raise TrainingError(f"--amp: {autocast_problem(device)}; run without --amp")
     model = load_model(args.weights, args, device)
     return predict(model, paths, args.out_dir, device, args.batch_size, args.amp, not args.quiet)
 
@@ -210,4 +219,7 @@ if __name__ == "__main__":
         main(get_args_parser().parse_args())
     except TrainingError as e:
         log.error("%s", e)
+        sys.exit(2)
+    except OSError as e:  # an --out_dir that is a file, or not writable
+        log.error("%s: %s", e.filename or "output", e.strerror or e)
         sys.exit(2)

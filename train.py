@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from Dataset import DatasetError, MyCOCODataset
 from network import HW5Net
-from utils import (CompleteIOULoss, accumulator_dtype, autocast, box_iou_per_image, evaluation,
-                   order_boxes, write_json)
+from utils import (CompleteIOULoss, accumulator_dtype, autocast, autocast_problem, box_iou_per_image,
+                   evaluation, order_boxes, write_json)
 
 log = logging.getLogger("train")
 
@@ -249,13 +249,14 @@ def drops_small_last_batch(n_images, batch_size):
     (BatchNorm cannot train on one) or fewer than half a batch. The heads' BatchNorm1d
     layers normalise each feature over the batch; over two images every output is -1 or
     +1, and the gradient through a variance of two samples can be a hundred times an
-    ordinary step's. Adam carries such a step into the next ones (its first moment keeps
-    a tenth of it), which sent whole runs astray: the demo's 610 training images left a
-    last batch of 2 every epoch. Which images fall in it changes with the epoch's
+    ordinary step's (measured: up to fifty times). Adam carries such a step into the next
+    ones (its first moment keeps a tenth of it): the demo's 610 training images left a
+    last batch of 2 every epoch, and its runs swung. A training set smaller than a batch
+    is one batch, kept. Which images fall in it changes with the epoch's
     shuffle, so every image is still trained on. COCO's 3789 images at batch 16 leave 13,
     which are kept, as the report's loop kept them."""
     remainder = n_images % batch_size
-    return remainder == 1 or 0 < 2 * remainder < batch_size
+    return remainder == 1 or (n_images > batch_size and 0 < 2 * remainder < batch_size)
 
 
 class LearningRate:
@@ -281,6 +282,27 @@ class LearningRate:
             return self.base_lr * (step + 1) / self.warmup
         progress = (step - self.warmup) / max(1, self.total - self.warmup)
         return self.base_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def check_training_args(args, n_train, device):
+    """Options that cannot train, refused in one line before anything is written."""
+    if args.batch_size < 2 or n_train < 2:
+        raise TrainingError(f"--batch_size {args.batch_size} with {n_train} training images: "
+                            f"BatchNorm needs at least 2 images a batch")
+    if args.epochs < 1:
+        raise TrainingError(f"--epochs must be at least 1, not {args.epochs}")
+    if args.eval_batch_size < 1:
+        raise TrainingError(f"--eval_batch_size must be at least 1, not {args.eval_batch_size}")
+    if not 0 <= args.warmup_epochs <= args.epochs:
+        raise TrainingError(f"--warmup_epochs must lie between 0 and --epochs ({args.epochs}), "
+                            f"not {args.warmup_epochs}")
+    if args.warmup_epochs and args.lr_schedule == "constant":
+        raise TrainingError("--warmup_epochs goes with --lr_schedule cosine (the constant schedule "
+                            "has no warm-up)")
+    if args.amp:
+        problem = autocast_problem(device)
+        if problem:
+            raise TrainingError(f"--amp: {problem}; run without --amp")
 
 
 def split_train_val(files, fraction, seed):
@@ -641,6 +663,9 @@ def run_settings(args, device):
     that OUT alone says how to rebuild the model) and the device."""
     settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
     settings["device"] = str(device)
+    for path in ("data_dir", "out_dir"):  # where they are, wherever the run was started from
+        if settings.get(path):
+            settings[path] = os.path.abspath(settings[path])
     return settings
 
 
@@ -673,6 +698,8 @@ def finished_run(files, args, model, history):
     if not os.path.exists(files.best):
         raise TrainingError(f"{files.out_dir} holds a finished run without its best_model.pt; "
                             f"start a new run in another --out_dir")
+    check_same_settings({k: v for k, v in history.get("settings", {}).items() if k != "epochs"},
+                        args, files.history)
     if os.path.exists(files.checkpoint) and not history.get("settings", {}).get("keep_checkpoint"):
         os.remove(files.checkpoint)  # left by a run stopped between its last two writes
     log.info("%s has finished its %d epochs: nothing to train", files.out_dir, done)
@@ -686,25 +713,43 @@ TRAJECTORY = ("loss", "lr", "beta1", "beta2", "batch_size", "seed", "augment", "
               "lr_schedule", "warmup_epochs")
 
 
-def check_resumable(ckpt, args, path):
-    saved = ckpt.get("args", {})
-    changed = [f"--{k} {saved[k]} (now {getattr(args, k)})" for k in TRAJECTORY
-               if k in saved and saved[k] != getattr(args, k)]
-    if saved.get("lr_schedule", "constant") != "constant" and saved.get("epochs") != args.epochs:
-        # The schedule spans the run's epochs: another --epochs is another schedule.
-        changed.append(f"--epochs {saved.get('epochs')} (now {args.epochs}; --lr_schedule "
-                       f"{saved['lr_schedule']} decays over the run's epochs)")
+# What the options of TRAJECTORY were before they existed: a run written then had these.
+LEGACY_DEFAULTS = {"lr_schedule": "constant", "warmup_epochs": 0.0}
+
+
+def check_same_settings(saved, args, path):
+    """Refuse to go on with a run (saved: its settings) under other TRAJECTORY settings."""
+    changed = []
+    for k in TRAJECTORY:
+        was = saved.get(k, LEGACY_DEFAULTS.get(k, getattr(args, k)))
+        if k in saved or k in LEGACY_DEFAULTS:
+            if was != getattr(args, k):
+                changed.append(f"--{k} {was} (now {getattr(args, k)})")
     if changed:
         raise TrainingError(f"{path} was written with " + ", ".join(changed) + "; resume with "
                             f"the same settings, or start a new run in another --out_dir")
+
+
+def check_resumable(ckpt, args, path):
+    saved = ckpt.get("args", {})
+    check_same_settings(saved, args, path)
+    if saved.get("lr_schedule", "constant") != "constant" and saved.get("epochs") != args.epochs:
+        # The schedule spans the run's epochs: another --epochs is another schedule.
+        raise TrainingError(f"{path} was written with --epochs {saved.get('epochs')} (now "
+                            f"{args.epochs}; --lr_schedule {saved['lr_schedule']} decays over the "
+                            f"run's epochs); resume with the same settings, or start a new run in "
+                            f"another --out_dir")
     if ckpt["epoch"] > args.epochs:
         raise TrainingError(f"{path} is at epoch {ckpt['epoch']}, past --epochs {args.epochs}")
 
 
 def remove_partial_writes(out_dir):
-    """Temporary files of writes a killed run left (a checkpoint's is 2.5 GB)."""
+    """Temporary files of writes a killed run left (a checkpoint's is 2.5 GB), and a best
+    model waiting for a checkpoint that was never written (RunFiles.commit_best)."""
+    no_checkpoint = not os.path.exists(os.path.join(out_dir, "checkpoint.pt"))
     for name in os.listdir(out_dir):
-        if name.endswith(".tmp") and name.split(".")[0] in ("checkpoint", "best_model", "history"):
+        partial = name.endswith(".tmp") and name.split(".")[0] in ("checkpoint", "best_model", "history")
+        if partial or (no_checkpoint and name.startswith("best_model.pt.next")):
             os.remove(os.path.join(out_dir, name))
 
 
@@ -729,9 +774,7 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
         held = "checkpoint.pt" if os.path.exists(files.checkpoint) else "history.json"
         raise TrainingError(f"{out_dir} already holds a run ({held}); pass --resume to continue it, "
                             f"or choose another --out_dir")
-    if args.batch_size < 2 or len(train_set) < 2:
-        raise TrainingError(f"--batch_size {args.batch_size} with {len(train_set)} training images: "
-                            f"BatchNorm needs at least 2 images a batch")
+    check_training_args(args, len(train_set), device)
     os.makedirs(out_dir, exist_ok=True)
     remove_partial_writes(out_dir)
     seed_everything(args.seed)

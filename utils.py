@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -131,6 +132,24 @@ def autocast(device, amp):
     if not amp:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def autocast_problem(device):
+    """Why bfloat16 autocast does not work on device, or None when it does. Apple MPS has it
+    from torch 2.6 on macOS 14 or newer; older builds raise, or warn and run in float32."""
+    device_type = torch.device(device).type
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                enabled = torch.is_autocast_enabled(device_type)
+        except (RuntimeError, ValueError) as e:
+            return f"bfloat16 autocast is not available on {device_type} with torch {torch.__version__} ({e})"
+    if not enabled:
+        why = f" ({caught[0].message})" if caught else ""
+        return (f"bfloat16 autocast is disabled on {device_type} with torch {torch.__version__}{why}"
+                + ("; MPS needs torch 2.6 or newer and macOS 14 or newer" if device_type == "mps" else ""))
+    return None
 
 
 def accumulator_dtype(device):

@@ -128,6 +128,20 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
             for metric in ("accuracy", "mean_iou", "confusion_matrix"):
                 assert resumed[model][split][metric] == results[model][split][metric], (model, split, metric)
 
+    # A handed-in OUT is redrawn where it lands: the demo's DATA moves with it.
+    import cv2
+    first = cv2.imread(os.path.join(out, "ciou_test_preds.png"))
+    moved = str(tmp_path / "handed_in")
+    shutil.move(out, moved)
+    os.remove(os.path.join(moved, "ciou_test_preds.png"))
+    hw5_main.main(parse("--out_dir", moved, "--redraw"))
+    assert (cv2.imread(os.path.join(moved, "ciou_test_preds.png")) == first).all()
+    with pytest.raises(TrainingError, match="no such directory"):
+        hw5_main.main(parse("--out_dir", str(tmp_path / "nowhere"), "--redraw"))
+    shutil.rmtree(os.path.join(moved, "data"))
+    with pytest.raises(TrainingError, match="give --data_dir DATA"):
+        hw5_main.main(parse("--out_dir", moved, "--redraw"))
+
 
 def test_options_resolve_to_the_report_or_the_demo():
     full = parse("--data_dir", "d", "--out_dir", "o")

@@ -122,3 +122,26 @@ def test_without_history_the_architecture_comes_from_the_options(tmp_path):
     assert len(records) == 1 and records[0]["file"] == str(image)
     with pytest.raises(TrainingError, match="different architecture"):
         run_predict("--weights", str(tmp_path / "bare.pt"), "--out_dir", str(tmp_path / "p2"), str(image))
+
+
+def test_checkpoints_overlays_inside_an_input_folder_and_names_in_any_case(weights, tmp_path):
+    photos = tmp_path / "photos"
+    (photos / "a").mkdir(parents=True)
+    (photos / "b").mkdir()
+    img = np.zeros((60, 80, 3), np.uint8)
+    cv2.imwrite(str(photos / "a" / "Cat.jpg"), img)
+    cv2.imwrite(str(photos / "b" / "cat.jpg"), img)
+    out = str(photos / "pred")  # inside the folder given as input
+    first = run_predict("--weights", weights, "--out_dir", out, str(photos))
+    again = run_predict("--weights", weights, "--out_dir", out, str(photos))
+    assert len(first) == len(again) == 2  # the overlays of the first run are not inputs
+    assert {r["overlay"].lower() for r in again} == {"cat_jpg.png", "cat_jpg-2.png"}
+    # A training checkpoint (kept with --keep_checkpoint) is read for its weights.
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    torch.save({"model": torch.load(weights, weights_only=True), "optimizer": {}, "epoch": 1}, ckpt)
+    (ckpt.parent / "history.json").write_text(json.dumps({"settings": SMALL}))
+    from_ckpt = run_predict("--weights", str(ckpt), "--out_dir", str(tmp_path / "p2"), str(photos / "a"))
+    assert from_ckpt[0]["scores"] == first[0]["scores"]
+    proc = cli("--weights", weights, "--out_dir", str(photos / "a" / "Cat.jpg"), str(photos / "b"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # --out_dir is a file

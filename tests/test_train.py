@@ -326,6 +326,7 @@ def test_a_last_batch_of_under_half_a_batch_is_skipped(tiny_data, tmp_path, monk
     assert [train.drops_small_last_batch(n, 16) for n in (610, 3789, 609, 608, 615, 616)] == [
         True, False, True, False, True, False]  # 2, 13, 1, 0, 7 (under 8), 8 (kept) left over
     assert train.drops_small_last_batch(3, 2) and not train.drops_small_last_batch(6, 4)  # 1 of 2; 2 of 4
+    assert not train.drops_small_last_batch(7, 16) and train.drops_small_last_batch(17, 16)  # one batch is kept
     # The demo's case: a last batch of 2 images is not trained on.
     n = len(MyCOCODataset(tiny_data, train=True))
     sizes = []
@@ -516,12 +517,19 @@ def test_a_run_stopped_by_an_error_keeps_its_best_model_and_no_partial_file(tiny
             raise TrainingError("stopped in epoch 2")
         return one_epoch(*a, **kw)
 
-    monkeypatch.setattr(train, "train_one_epoch", fails_in_epoch_2)
+    after_epoch_1 = {}
+
+    def fails_in_epoch_2_and_keeps_epoch_1(*a, **kw):
+        result = fails_in_epoch_2(*a, **kw)
+        after_epoch_1.update({k: v.clone() for k, v in a[0].state_dict().items()})
+        return result
+
+    monkeypatch.setattr(train, "train_one_epoch", fails_in_epoch_2_and_keeps_epoch_1)
     with pytest.raises(TrainingError, match="stopped in epoch 2"):
         train.main(args_for(tiny_data, out, "--epochs", "3", "--loss", "mse", *SMALL))
     assert sorted(os.listdir(out)) == ["best_model.pt", "history.json"]
-    model = HW5Net(width=2, n_blocks=1)
-    model.load_state_dict(torch.load(os.path.join(out, "best_model.pt"), weights_only=True))
+    saved = torch.load(os.path.join(out, "best_model.pt"), weights_only=True)
+    assert all(torch.equal(saved[k], after_epoch_1[k]) for k in after_epoch_1)  # epoch 1's weights
     monkeypatch.setattr(train, "train_one_epoch", one_epoch)
     with open(os.path.join(out, "checkpoint.pt.tmp"), "wb") as f:
         f.write(b"half a checkpoint")
@@ -618,3 +626,42 @@ def test_a_cosine_run_resumes_on_its_schedule_and_refuses_other_epochs(tiny_data
     resumed = train.main(args_for(tiny_data, out, "--epochs", "3", "--resume", *common))
     assert comparable(resumed) == comparable(full)
     assert seen[0][0] < seen[0][-1] and max(map(max, seen)) == pytest.approx(1e-3)
+
+
+def test_options_that_cannot_train_are_refused_before_anything_is_written(tiny_data, tmp_path):
+    for extra, message in ((["--epochs", "0"], "--epochs must be at least 1"),
+                           (["--eval_batch_size", "0"], "--eval_batch_size must be at least 1"),
+                           (["--lr_schedule", "cosine", "--warmup_epochs", "-1"], "--warmup_epochs must lie"),
+                           (["--lr_schedule", "cosine", "--epochs", "2", "--warmup_epochs", "3"], "--warmup_epochs must lie"),
+                           (["--warmup_epochs", "1"], "goes with --lr_schedule cosine")):
+        out = str(tmp_path / "run")
+        with pytest.raises(TrainingError, match=message):
+            train.main(args_for(tiny_data, out, *SMALL, *extra))
+        assert not os.path.exists(out)
+
+
+def test_amp_where_autocast_is_missing_stops_with_one_line(tiny_data, tmp_path, monkeypatch):
+    """As on a Mac with torch < 2.6, whose MPS autocast warns and stays off."""
+    import utils
+    assert utils.autocast_problem("cpu") is None
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: False)
+    assert "disabled on cpu" in utils.autocast_problem("cpu")
+    with pytest.raises(TrainingError, match="--amp: bfloat16 autocast is disabled on cpu"):
+        train.main(args_for(tiny_data, str(tmp_path / "run"), "--amp", *SMALL))
+
+
+def test_a_run_from_before_the_schedule_options_is_not_resumed_on_another_schedule(tmp_path):
+    args = train.get_args_parser().parse_args(["--data_dir", "d", "--out_dir", "o", "--lr_schedule", "cosine"])
+    old = {k: getattr(args, k) for k in train.TRAJECTORY if k not in train.LEGACY_DEFAULTS}
+    with pytest.raises(TrainingError, match=r"--lr_schedule constant \(now cosine\)"):
+        train.check_same_settings(old, args, "checkpoint.pt")
+    args.lr_schedule = "constant"
+    train.check_same_settings(old, args, "checkpoint.pt")  # the same schedule: goes on
+
+
+def test_a_finished_run_is_not_reevaluated_under_other_settings(tiny_data, tmp_path):
+    out = str(tmp_path / "run")
+    train.main(args_for(tiny_data, out, "--epochs", "1", "--loss", "mse", *SMALL))
+    with pytest.raises(TrainingError, match=r"--raw_boxes False \(now True\)"):
+        train.main(args_for(tiny_data, out, "--epochs", "1", "--loss", "mse", "--resume", "--raw_boxes", *SMALL))
+    train.main(args_for(tiny_data, out, "--epochs", "1", "--loss", "mse", "--resume", *SMALL))
