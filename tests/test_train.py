@@ -62,10 +62,12 @@ def test_a_finished_run_keeps_best_model_and_history_with_its_settings(tiny_data
     with pytest.raises(TrainingError, match="already holds a run .history.json."):
         train.main(args_for(tiny_data, out, "--epochs", "2", *SMALL))
     mtime = os.path.getmtime(os.path.join(out, "best_model.pt"))
-    again = train.main(args_for(tiny_data, out, "--epochs", "2", "--resume", *SMALL))
+    with pytest.raises(TrainingError, match="was written with --loss mse .now ciou."):
+        train.main(args_for(tiny_data, out, "--epochs", "2", "--resume", *SMALL))
+    again = train.main(args_for(tiny_data, out, "--epochs", "2", "--loss", "mse", "--resume", *SMALL))
     assert again == saved and os.path.getmtime(os.path.join(out, "best_model.pt")) == mtime
     with pytest.raises(TrainingError, match="finished its 2 epochs and its checkpoint.pt was removed .*--keep_checkpoint"):
-        train.main(args_for(tiny_data, out, "--epochs", "3", "--resume", *SMALL))
+        train.main(args_for(tiny_data, out, "--epochs", "3", "--loss", "mse", "--resume", *SMALL))
 
 
 def test_checkpoints_every_epoch_with_zero_minutes_and_none_in_a_short_run_by_default(tiny_data, tmp_path):
