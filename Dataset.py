@@ -541,6 +541,11 @@ def get_args_parser():
 
 
 def main(args):
+    from utils import out_dir_problem  # utils imports this module
+    for option in ("make_synthetic", "out_dir"):
+        problem = getattr(args, option) and out_dir_problem(getattr(args, option), f"--{option}")
+        if problem:
+            raise DatasetError(problem)
     if args.make_synthetic:
         from synthetic_coco import make_synthetic_coco
         make_synthetic_coco(args.make_synthetic, args.n_train, args.n_val, args.seed, args.year)

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import platform
+import re
 import sys
 import time
 
@@ -28,7 +29,8 @@ from train import (DeviceBatches, RunFiles, TrainingError, add_training_args, bu
                    make_criteria, pick_device, seed_everything, train)
 from utils import (box_iou_per_image, coco_ground_truth, coco_metrics, coco_results,
                    confusion_matrix, display_preds, evaluation, plot_cm, plot_history,
-                   predictions_from_records, prediction_records, write_json, write_text)
+                   out_dir_problem, predictions_from_records, prediction_records, write_json,
+                   write_text)
 
 log = logging.getLogger("hw5_main")
 
@@ -69,7 +71,16 @@ def prepare_demo_data(out_dir, args):
     build is reused (a resumed demo)."""
     from synthetic_coco import make_synthetic_coco
     data_dir = os.path.join(out_dir, "data")
+    drawn = {"n_train": args.n_train, "n_val": args.n_val, "synthetic_seed": args.synthetic_seed}
+    record = os.path.join(out_dir, "demo_data.json")  # what the data was drawn with
     if os.path.exists(os.path.join(data_dir, "build_summary.json")):
+        if os.path.exists(record):
+            with open(record) as f:
+                was = json.load(f)
+            changed = [f"--{k} {was[k]} (now {v})" for k, v in drawn.items() if was.get(k, v) != v]
+            if changed:
+                raise TrainingError(f"{data_dir} was drawn with " + ", ".join(changed) + "; give the "
+                                    f"same options to go on with it, or choose another --out_dir")
         log.info("demo: reusing the dataset in %s", data_dir)
         return data_dir
     coco_dir = os.path.join(out_dir, "synthetic_coco")
@@ -79,6 +90,7 @@ def prepare_demo_data(out_dir, args):
              args.n_train, args.n_val, coco_dir, time.perf_counter() - t0)
     build_dataset(coco_dir, data_dir, year=2014, workers=os.cpu_count() or 1,
                   progress=not args.quiet)
+    write_json(drawn, record)
     return data_dir
 
 
@@ -222,7 +234,22 @@ def coco_markdown(coco):
 
 SETTINGS_SHOWN = ("device", "data_dir", "n_train", "n_test", "n_val", "epochs", "batch_size", "lr",
                   "lr_schedule", "betas", "seed", "boxes", "backward", "augment", "amp",
-                  "learnable_res", "torch", "wall_seconds")
+                  "learnable_res", "torch", "wall_seconds", "earlier_wall_seconds",
+                  "n_synthetic_train", "n_synthetic_val", "synthetic_seed")
+# What a settings line of results.md counts, where its name alone could mislead.
+SETTING_NOTES = {
+    "n_train": "images trained on", "n_test": "test images",
+    "n_val": "images held out of training for validation, --val_fraction",
+    "n_synthetic_train": "synthetic train2014 images drawn, --n_train",
+    "n_synthetic_val": "synthetic val2014 images drawn, --n_val",
+    "wall_seconds": "this command, start to end",
+    "earlier_wall_seconds": "the earlier commands that wrote this run's results",
+}
+
+
+def settings_lines(settings, keys):
+    return [f"- {k} ({SETTING_NOTES[k]}): {settings[k]}" if k in SETTING_NOTES else f"- {k}: {settings[k]}"
+            for k in keys if k in settings]
 
 
 def results_markdown(results):
@@ -254,9 +281,7 @@ def results_markdown(results):
                      f"per-epoch evaluation), {r['save_seconds']:.1f} s writing files ({r['files_written']}: "
                      f"checkpoints and the best model){skipped}")
     lines += ["", "## Settings", ""]
-    for k in SETTINGS_SHOWN:
-        if k in s:
-            lines.append(f"- {k}: {s[k]}")
+    lines += settings_lines(s, SETTINGS_SHOWN)
     return "\n".join(lines) + "\n"
 
 
@@ -302,7 +327,8 @@ def aggregate_results(per_seed, wall_seconds):
         splits = [split for split in ("train", "val", "test") if split in first[key]]
         aggregate[key] = {split: aggregate_numbers([run[key][split] for run in runs]) for split in splits}
         aggregate[key]["best_epoch"] = spread([run[key]["best_epoch"] for run in runs])
-    settings = {k: v for k, v in first["settings"].items() if k not in ("seed", "wall_seconds")}
+    settings = {k: v for k, v in first["settings"].items()
+                if k not in ("seed", "wall_seconds", "earlier_wall_seconds")}
     settings.update(seeds=seeds, wall_seconds=wall_seconds)
     return {"seeds": seeds, "aggregate": aggregate, "per_seed": {str(s): per_seed[s] for s in seeds},
             "baseline": first["baseline"], "report": REPORT, "settings": settings}
@@ -345,9 +371,7 @@ def seeds_markdown(results):
                          f"{100 * r['train']['accuracy']:.1f}% | {r['train']['mean_iou']:.3f} | "
                          f"{100 * r['test']['accuracy']:.1f}% | {r['test']['mean_iou']:.3f} |")
     lines += ["", "Each seed's run, figures and results are in `seed{k}/`.", "", "## Settings", ""]
-    for k in SETTINGS_SHOWN + ("seeds",):
-        if k in s:
-            lines.append(f"- {k}: {s[k]}")
+    lines += settings_lines(s, SETTINGS_SHOWN + ("seeds",))
     return "\n".join(lines) + "\n"
 
 
@@ -439,6 +463,35 @@ def holds_a_run(out_dir):
     return any(RunFiles(os.path.join(out_dir, key)).holds_a_run() for key, _ in MODELS)
 
 
+def seed_runs(out_dir):
+    """The seeds of OUT/seed{k}/ folders that hold a run (a --seeds run's), sorted."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(int(d[4:]) for d in os.listdir(out_dir)
+                  if re.fullmatch(r"seed\d+", d) and holds_a_run(os.path.join(out_dir, d)))
+
+
+def check_layout(out_dir, seeds, resume):
+    """Refuse a command that would mix a single run and a --seeds run in one OUT (the
+    aggregate results.json of one would be overwritten by the other's), or start over
+    on a run without --resume."""
+    held = seed_runs(out_dir)
+    if held and not seeds:
+        raise TrainingError(f"{out_dir} holds a --seeds run (seeds {' '.join(map(str, held))}): go on "
+                            f"with it with --seeds and --resume, or choose another --out_dir")
+    if seeds and holds_a_run(out_dir):
+        raise TrainingError(f"{out_dir} holds a single run (ciou/, mse/): give a --seeds run its own "
+                            f"--out_dir")
+    if not resume and (held or holds_a_run(out_dir)):
+        where = f" ({', '.join(f'seed{k}' for k in held)})" if held else ""
+        raise TrainingError(f"{out_dir} already holds a run{where}; pass --resume to continue it, "
+                            f"or choose another --out_dir")
+    left_out = [k for k in held if k not in (seeds or [])]
+    if seeds and left_out:  # OUT/results.json would leave them out
+        raise TrainingError(f"{out_dir} holds seeds {' '.join(map(str, held))}: give --seeds all of "
+                            f"them (and any new ones), not {' '.join(map(str, seeds))}")
+
+
 def run_experiment(args, out_dir, datasets, device, t_start):
     """Both models trained with args.seed into out_dir, evaluated, drawn and written up
     (results.json, results.md). Returns the results."""
@@ -466,9 +519,23 @@ def run_experiment(args, out_dir, datasets, device, t_start):
                         "files_written": len(saves)}
     results["report"] = REPORT
     results["settings"] = experiment_settings(args, device, datasets, n_params, n_layers, t_start)
+    earlier = earlier_wall_seconds(os.path.join(out_dir, "results.json"))
+    if earlier:  # a finished run evaluated again: its first command's time is kept
+        results["settings"]["earlier_wall_seconds"] = earlier
     write_json(results, os.path.join(out_dir, "results.json"))
     write_text(results_markdown(results), os.path.join(out_dir, "results.md"))
     return results
+
+
+def earlier_wall_seconds(path):
+    """The wall times of the commands that wrote an existing results.json (a run evaluated
+    again with --resume), oldest first; [] when there is none."""
+    try:
+        with open(path) as f:
+            settings = json.load(f).get("settings", {})
+    except (OSError, ValueError):
+        return []
+    return settings.get("earlier_wall_seconds", []) + [settings["wall_seconds"]] * ("wall_seconds" in settings)
 
 
 def experiment_settings(args, device, datasets, n_params, n_layers, t_start):
@@ -501,13 +568,11 @@ def main(args):
         return drawn
     t_start = time.perf_counter()
     out_dir = args.out_dir
+    if out_dir_problem(out_dir):
+        raise TrainingError(out_dir_problem(out_dir))
     seeds = args.seeds or [args.seed]
     run_dirs = {seed: os.path.join(out_dir, f"seed{seed}") if args.seeds else out_dir for seed in seeds}
-    if not args.resume:
-        for run_dir in run_dirs.values():
-            if holds_a_run(run_dir):
-                raise TrainingError(f"{out_dir} already holds a run ({os.path.relpath(run_dir, out_dir)}); "
-                                    f"pass --resume to continue it, or choose another --out_dir")
+    check_layout(out_dir, args.seeds, args.resume)
     device = pick_device(args.device)
     try:  # needed after training, for the COCO metrics: say so now, not hours later
         import pycocotools.cocoeval  # noqa: F401
@@ -532,7 +597,10 @@ def main(args):
         per_seed[seed] = run_experiment(run_args, run_dir, datasets, device,
                                         time.perf_counter() if args.seeds else t_start)
     if args.seeds:
+        earlier = earlier_wall_seconds(os.path.join(out_dir, "results.json"))
         results = aggregate_results(per_seed, round(time.perf_counter() - t_start, 1))
+        if earlier:
+            results["settings"]["earlier_wall_seconds"] = earlier
         markdown = seeds_markdown(results)
         write_json(results, os.path.join(out_dir, "results.json"))
         write_text(markdown, os.path.join(out_dir, "results.md"))

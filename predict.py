@@ -27,7 +27,7 @@ from tqdm import tqdm
 from Dataset import CLASS_NAMES, IMAGE_SIZE, draw_box, resize_image
 from network import HW5Net
 from train import TrainingError, load_checkpoint, load_model_state, pick_device
-from utils import autocast, autocast_problem, order_boxes, write_json
+from utils import autocast, autocast_problem, order_boxes, out_dir_problem, write_json
 
 log = logging.getLogger("predict")
 
@@ -36,18 +36,33 @@ ARCHITECTURE = {"width": 8, "n_blocks": 5, "learnable_res": False}  # train.py's
 BOX_COLOUR = (255, 0, 0)  # RGB, the prediction's colour in the report's figures
 
 
+def earlier_overlays(folder):
+    """The overlay PNGs that an earlier predict.py run wrote into folder (named in its
+    predictions.json), so that a search does not predict them as photos."""
+    try:
+        with open(os.path.join(folder, "predictions.json")) as f:
+            return {r["overlay"] for r in json.load(f) if isinstance(r, dict) and "overlay" in r}
+    except (OSError, ValueError, TypeError):
+        return set()
+
+
 def find_images(inputs, skip_dir=None):
     """The image files named by inputs, in order: a file as given, a directory's JPEG and
-    PNG files (searched recursively, sorted; skip_dir, where the overlays go, is left
-    out). Raises TrainingError for a path that does not exist."""
+    PNG files (searched recursively, sorted; skip_dir, where the overlays go, and the
+    overlays of earlier runs into a searched folder are left out). Raises TrainingError
+    for a path that does not exist."""
     found = []
     skip = os.path.realpath(skip_dir) if skip_dir else None
     for path in inputs:
         if os.path.isdir(path):
             for root, dirs, files in os.walk(path):
                 dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) != skip)
+                overlays = earlier_overlays(root) & set(files)
+                if overlays:
+                    log.info("%s: %d overlay(s) of an earlier predict.py run left out", root,
+                             len(overlays))
                 found += [os.path.join(root, f) for f in sorted(files)
-                          if f.lower().endswith(IMAGE_EXTENSIONS)]
+                          if f.lower().endswith(IMAGE_EXTENSIONS) and f not in overlays]
         elif os.path.isfile(path):
             found.append(path)
         else:
@@ -132,7 +147,6 @@ def write_png(img_rgb, path):
 def predict(model, paths, out_dir, device, batch_size=32, amp=False, progress=True):
     """Predict every image of paths and write PRED's files. Returns the records; images
     that cannot be decoded are skipped with a warning each."""
-    os.makedirs(out_dir, exist_ok=True)
     names = overlay_names(paths)
     records, skipped = [], 0
     bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress, leave=False)
@@ -151,6 +165,7 @@ def predict(model, paths, out_dir, device, batch_size=32, amp=False, progress=Tr
                 h, w = img.shape[:2]
                 xyxy = [box[0] * w, box[1] * h, box[2] * w, box[3] * h]  # the resize undone
                 c = int(np.argmax(p))
+                os.makedirs(out_dir, exist_ok=True)  # not before an image has decoded
                 records.append({"file": path, "class": CLASS_NAMES[c], "score": p[c],
                                 "scores": dict(zip(CLASS_NAMES, p)), "bbox_xyxy": xyxy,
                                 "overlay": name})
@@ -201,6 +216,8 @@ def get_args_parser():
 
 
 def main(args):
+    if out_dir_problem(args.out_dir):
+        raise TrainingError(out_dir_problem(args.out_dir))
     paths = find_images(args.inputs, skip_dir=args.out_dir)
     if not paths:
         raise TrainingError(f"no .jpg, .jpeg or .png file in {' '.join(args.inputs)}")

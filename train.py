@@ -35,7 +35,7 @@ from tqdm import tqdm
 from Dataset import DatasetError, MyCOCODataset
 from network import HW5Net
 from utils import (CompleteIOULoss, accumulator_dtype, autocast, autocast_problem, box_iou_per_image,
-                   evaluation, order_boxes, write_json)
+                   evaluation, order_boxes, out_dir_problem, write_json)
 
 log = logging.getLogger("train")
 
@@ -974,6 +974,8 @@ def get_args_parser(add_help=True):
 
 
 def main(args):
+    if out_dir_problem(args.out_dir):
+        raise TrainingError(out_dir_problem(args.out_dir))
     device = pick_device(args.device)
     train_set, test_set, val_set = load_datasets(args, progress=not args.quiet)
     seed_everything(args.seed)  # the initial weights come from the seed too

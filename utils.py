@@ -406,6 +406,22 @@ def plot_history(history, out_path, loss_name=""):
     plt.close(fig)
 
 
+def out_dir_problem(path, option="--out_dir"):
+    """A one-line reason why path cannot be an output folder (it, or a folder above it, is
+    a file), or None."""
+    p = os.path.abspath(path)
+    while True:
+        if os.path.exists(p):
+            if os.path.isdir(p):
+                return None
+            what = f"{option} {path}" if p == os.path.abspath(path) else f"{option} {path}: {p}"
+            return f"{what} is a file, not a folder: give {option} a folder's path"
+        parent = os.path.dirname(p)
+        if parent == p:
+            return None
+        p = parent
+
+
 def write_text(text, path):
     """Write text under a temporary name, then rename (no half-written file)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -111,9 +111,17 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
         logits = logits.cpu()
     assert (logits.argmax(1) == test_set.labels).double().mean().item() == pytest.approx(ciou_test["accuracy"])
 
-    # A second run into the same OUT is refused before any work.
-    with pytest.raises(TrainingError, match="already holds a run"):
+    # A second run into the same OUT is refused before any work; so is going on with its
+    # data drawn otherwise, or with a --seeds run into it.
+    with pytest.raises(TrainingError, match="already holds a run; pass --resume"):
         hw5_main.main(parse("--demo", "--out_dir", out, "--n_train", "24", "--quiet"))
+    with pytest.raises(TrainingError, match="was drawn with --n_train 24 .now 30.; give the same options"):
+        hw5_main.main(parse("--demo", "--out_dir", out, "--n_train", "30", "--n_val", "12", "--epochs", "1",
+                            "--batch_size", "4", "--quiet", "--resume"))
+    with pytest.raises(TrainingError, match="holds a single run"):
+        hw5_main.main(parse("--out_dir", out, "--seeds", "0", "1", "--resume", *TINY_DEMO))
+    assert "- n_val (images held out of training for validation, --val_fraction): 0" in md
+    assert "- n_synthetic_val (synthetic val2014 images drawn, --n_val): 12" in md
 
     # Interrupted after the CIoU model: --resume evaluates the finished CIoU model without
     # training it again, trains the MSE model from its start, and ends with the same results.
@@ -212,6 +220,12 @@ def test_seeds_run_the_experiment_per_seed_and_aggregate_their_spread(tmp_path):
         hw5_main.main(parse("--out_dir", out, "--seeds", "0", "1", *TINY_DEMO))
     resumed = hw5_main.main(parse("--out_dir", out, "--seeds", "0", "1", "--resume", *TINY_DEMO))
     assert resumed["aggregate"] == saved["aggregate"]
+    assert resumed["settings"]["earlier_wall_seconds"] == [saved["settings"]["wall_seconds"]]
+    # The aggregate is never overwritten by a single run, nor made over some seeds only.
+    for seeds, message in ((["--seeds", "0"], "holds a --seeds run .seeds 0 1."), ([], "holds a --seeds run"),
+                           (["--seeds", "1", "2"], "give --seeds all of them")):
+        with pytest.raises(TrainingError, match=message):
+            hw5_main.main(parse("--out_dir", out, *seeds, "--resume", *TINY_DEMO))
 
 
 def test_one_seed_is_a_plain_run_and_seed_with_seeds_is_refused(tmp_path):
@@ -262,3 +276,24 @@ def test_data_built_without_the_original_geometry_is_said_and_skips_coco_outputs
     assert results["ciou"]["test"]["coco"] is None
     assert sorted(os.listdir(os.path.join(out, "mse"))) == ["best_model.pt", "history.json",
                                                            "predictions_test.json", "predictions_train.json"]
+
+
+def test_an_out_dir_that_is_a_file_stops_every_script_with_one_line(tmp_path):
+    import Dataset
+    import predict
+    import train
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    message = "afile is a file, not a folder"
+    with pytest.raises(TrainingError, match=message):
+        hw5_main.main(parse("--out_dir", str(afile), *TINY_DEMO))
+    with pytest.raises(TrainingError, match=message):  # a folder below a file
+        hw5_main.main(parse("--out_dir", str(afile / "run"), *TINY_DEMO))
+    with pytest.raises(TrainingError, match=message):
+        train.main(train.get_args_parser().parse_args(["--data_dir", "DATA", "--out_dir", str(afile)]))
+    with pytest.raises(Dataset.DatasetError, match=message):
+        Dataset.main(Dataset.get_args_parser().parse_args(["--make_synthetic", str(afile)]))
+    with pytest.raises(Dataset.DatasetError, match=message):
+        Dataset.main(Dataset.get_args_parser().parse_args(["--coco_dir", "COCO", "--out_dir", str(afile)]))
+    with pytest.raises(TrainingError, match=message):
+        predict.main(predict.get_args_parser().parse_args(["--weights", "w.pt", "--out_dir", str(afile), "x.jpg"]))

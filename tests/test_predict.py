@@ -110,7 +110,7 @@ def test_bad_input_stops_with_one_line(weights, tmp_path):
         errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")]
         assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], (argv, proc.stderr)
         assert "Traceback" not in proc.stderr
-    assert not os.path.exists(tmp_path / "o2" / "predictions.json")
+    assert not os.path.exists(tmp_path / "o2")  # no folder left behind when nothing decodes
 
 
 def test_without_history_the_architecture_comes_from_the_options(tmp_path):
@@ -144,4 +144,13 @@ def test_checkpoints_overlays_inside_an_input_folder_and_names_in_any_case(weigh
     from_ckpt = run_predict("--weights", str(ckpt), "--out_dir", str(tmp_path / "p2"), str(photos / "a"))
     assert from_ckpt[0]["scores"] == first[0]["scores"]
     proc = cli("--weights", weights, "--out_dir", str(photos / "a" / "Cat.jpg"), str(photos / "b"))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # --out_dir is a file
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "Cat.jpg is a file, not a folder" in proc.stderr
+
+    # Overlays written into the input folder itself, or by an earlier run into a folder the
+    # search now meets, are not predicted as photos.
+    same = str(photos / "b")
+    assert len(run_predict("--weights", weights, "--out_dir", same, same)) == 1
+    assert len(run_predict("--weights", weights, "--out_dir", same, same)) == 1
+    elsewhere = run_predict("--weights", weights, "--out_dir", str(tmp_path / "p3"), str(photos))
+    assert sorted(r["file"] for r in elsewhere) == sorted([str(photos / "a" / "Cat.jpg"), str(photos / "b" / "cat.jpg")])
