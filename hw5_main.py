@@ -10,6 +10,7 @@ report's Figs. 14-20, model_sum.txt, results.json and results.md (the run's numb
 beside the report's, with the mean-box baseline and the settings).
 """
 import argparse
+import glob
 import json
 import logging
 import math
@@ -66,6 +67,34 @@ def mean_box_baseline(train_boxes, test_boxes):
 # ---------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------
+def drawn_with(out_dir):
+    """What a demo's data in OUT was drawn with ({"n_train", "n_val", "synthetic_seed"}, as
+    far as known): OUT/demo_data.json, or for an OUT made before it was written, the
+    settings of a results.json in it, else the image counts of its synthetic COCO tree."""
+    candidates = [os.path.join(out_dir, "demo_data.json"), os.path.join(out_dir, "results.json")]
+    candidates += sorted(glob.glob(os.path.join(out_dir, "seed*", "results.json")))
+    for path in candidates:
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            continue
+        saved = saved.get("settings", saved)
+        if "n_synthetic_train" in saved:  # a results.json
+            saved = {"n_train": saved["n_synthetic_train"], "n_val": saved["n_synthetic_val"],
+                     "synthetic_seed": saved["synthetic_seed"]}
+        if "n_train" in saved:
+            return saved
+    counts = {}
+    for key, split in (("n_train", "train2014"), ("n_val", "val2014")):
+        try:
+            with open(os.path.join(out_dir, "synthetic_coco", "annotations", f"instances_{split}.json")) as f:
+                counts[key] = len(json.load(f)["images"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return counts
+
+
 def prepare_demo_data(out_dir, args):
     """Generate the synthetic COCO tree and build the dataset inside OUT; an existing
     build is reused (a resumed demo)."""
@@ -74,9 +103,8 @@ def prepare_demo_data(out_dir, args):
     drawn = {"n_train": args.n_train, "n_val": args.n_val, "synthetic_seed": args.synthetic_seed}
     record = os.path.join(out_dir, "demo_data.json")  # what the data was drawn with
     if os.path.exists(os.path.join(data_dir, "build_summary.json")):
-        if os.path.exists(record):
-            with open(record) as f:
-                was = json.load(f)
+        was = drawn_with(out_dir)
+        if was:
             changed = [f"--{k} {was[k]} (now {v})" for k, v in drawn.items() if was.get(k, v) != v]
             if changed:
                 raise TrainingError(f"{data_dir} was drawn with " + ", ".join(changed) + "; give the "
@@ -242,8 +270,8 @@ SETTING_NOTES = {
     "n_val": "images held out of training for validation, --val_fraction",
     "n_synthetic_train": "synthetic train2014 images drawn, --n_train",
     "n_synthetic_val": "synthetic val2014 images drawn, --n_val",
-    "wall_seconds": "this command, start to end",
-    "earlier_wall_seconds": "the earlier commands that wrote this run's results",
+    "wall_seconds": "the command, start to end; in OUT/seed{k}, that seed's part of it",
+    "earlier_wall_seconds": "the earlier commands that wrote these results, before a --resume",
 }
 
 
@@ -452,8 +480,8 @@ def resolve_args(args, parser=None):
             raise TrainingError("give --seed or --seeds, not both")
         if len(set(args.seeds)) != len(args.seeds):
             raise TrainingError(f"--seeds {' '.join(map(str, args.seeds))}: each seed once")
-        if len(args.seeds) == 1:  # one seed is a plain run
-            args.seed, args.seeds = args.seeds[0], None
+        if len(args.seeds) == 1:  # one seed is a plain run (except on a --seeds OUT: main)
+            args.seed, args.seeds, args.one_seed = args.seeds[0], None, True
     if args.seed is None:
         args.seed = args.seeds[0] if args.seeds else 0
     return args
@@ -468,7 +496,7 @@ def seed_runs(out_dir):
     if not os.path.isdir(out_dir):
         return []
     return sorted(int(d[4:]) for d in os.listdir(out_dir)
-                  if re.fullmatch(r"seed\d+", d) and holds_a_run(os.path.join(out_dir, d)))
+                  if re.fullmatch(r"seed(0|[1-9]\d*)", d) and holds_a_run(os.path.join(out_dir, d)))
 
 
 def check_layout(out_dir, seeds, resume):
@@ -519,7 +547,7 @@ def run_experiment(args, out_dir, datasets, device, t_start):
                         "files_written": len(saves)}
     results["report"] = REPORT
     results["settings"] = experiment_settings(args, device, datasets, n_params, n_layers, t_start)
-    earlier = earlier_wall_seconds(os.path.join(out_dir, "results.json"))
+    earlier = earlier_wall_seconds(os.path.join(out_dir, "results.json")) if args.resume else []
     if earlier:  # a finished run evaluated again: its first command's time is kept
         results["settings"]["earlier_wall_seconds"] = earlier
     write_json(results, os.path.join(out_dir, "results.json"))
@@ -570,6 +598,8 @@ def main(args):
     out_dir = args.out_dir
     if out_dir_problem(out_dir):
         raise TrainingError(out_dir_problem(out_dir))
+    if getattr(args, "one_seed", False) and seed_runs(out_dir) and not holds_a_run(out_dir):
+        args.seeds = [args.seed]  # --seeds k on a --seeds OUT: its layout, not a plain run's
     seeds = args.seeds or [args.seed]
     run_dirs = {seed: os.path.join(out_dir, f"seed{seed}") if args.seeds else out_dir for seed in seeds}
     check_layout(out_dir, args.seeds, args.resume)
@@ -597,7 +627,7 @@ def main(args):
         per_seed[seed] = run_experiment(run_args, run_dir, datasets, device,
                                         time.perf_counter() if args.seeds else t_start)
     if args.seeds:
-        earlier = earlier_wall_seconds(os.path.join(out_dir, "results.json"))
+        earlier = earlier_wall_seconds(os.path.join(out_dir, "results.json")) if args.resume else []
         results = aggregate_results(per_seed, round(time.perf_counter() - t_start, 1))
         if earlier:
             results["settings"]["earlier_wall_seconds"] = earlier

@@ -9,7 +9,8 @@ orientation is applied first, so the image and its box are as a viewer shows the
 receives predictions.json, one record per image: {"file", "class", "score", "scores":
 {"bus", "cat", "pizza"}, "bbox_xyxy": [x1, y1, x2, y2] in the image's own pixels, inside
 the image, "overlay"}, and for each image an overlay PNG with the box and "class score"
-drawn on it. The architecture is read from history.json beside the weights (every run
+drawn on it (every overlay written into PRED is listed in PRED/.overlays.json, so that
+a later search of a folder holding PRED leaves them out). The architecture is read from history.json beside the weights (every run
 of train.py and hw5_main.py writes it), else taken from --width, --n_blocks and
 --learnable_res.
 """
@@ -36,14 +37,23 @@ ARCHITECTURE = {"width": 8, "n_blocks": 5, "learnable_res": False}  # train.py's
 BOX_COLOUR = (255, 0, 0)  # RGB, the prediction's colour in the report's figures
 
 
+OVERLAY_LIST = ".overlays.json"  # every overlay predict.py has written into a folder
+
+
 def earlier_overlays(folder):
-    """The overlay PNGs that an earlier predict.py run wrote into folder (named in its
-    predictions.json), so that a search does not predict them as photos."""
-    try:
-        with open(os.path.join(folder, "predictions.json")) as f:
-            return {r["overlay"] for r in json.load(f) if isinstance(r, dict) and "overlay" in r}
-    except (OSError, ValueError, TypeError):
-        return set()
+    """The overlay PNGs that earlier predict.py runs wrote into folder (listed in its
+    .overlays.json, and in its predictions.json), so that a search does not predict them
+    as photos."""
+    names = set()
+    for name in (OVERLAY_LIST, "predictions.json"):
+        try:
+            with open(os.path.join(folder, name)) as f:
+                listed = json.load(f)
+            names |= {r["overlay"] if isinstance(r, dict) else r for r in listed
+                      if isinstance(r, str) or (isinstance(r, dict) and "overlay" in r)}
+        except (OSError, ValueError, TypeError):
+            pass
+    return names
 
 
 def find_images(inputs, skip_dir=None):
@@ -175,6 +185,8 @@ def predict(model, paths, out_dir, device, batch_size=32, amp=False, progress=Tr
     bar.close()
     if not records:
         raise TrainingError(f"none of the {len(paths)} file(s) given is a decodable image")
+    overlays = earlier_overlays(out_dir) | {r["overlay"] for r in records}
+    write_json(sorted(overlays), os.path.join(out_dir, OVERLAY_LIST))
     write_json(records, os.path.join(out_dir, "predictions.json"))
     log.info("%d image(s) predicted into %s%s", len(records), out_dir,
              f"; {skipped} skipped (not decodable)" if skipped else "")

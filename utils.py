@@ -410,6 +410,8 @@ def out_dir_problem(path, option="--out_dir"):
     """A one-line reason why path cannot be an output folder (it, or a folder above it, is
     a file), or None."""
     p = os.path.abspath(path)
+    if os.path.islink(p) and not os.path.exists(p):
+        return f"{option} {path} is a link to {os.readlink(p)}, which does not exist"
     while True:
         if os.path.exists(p):
             if os.path.isdir(p):

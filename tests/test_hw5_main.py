@@ -121,6 +121,15 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
     with pytest.raises(TrainingError, match="holds a single run"):
         hw5_main.main(parse("--out_dir", out, "--seeds", "0", "1", "--resume", *TINY_DEMO))
     assert "- n_val (images held out of training for validation, --val_fraction): 0" in md
+    os.remove(os.path.join(out, "demo_data.json"))  # an OUT made before it was written
+    with pytest.raises(TrainingError, match="was drawn with --n_train 24 .now 30."):
+        hw5_main.main(parse("--demo", "--out_dir", out, "--n_train", "30", "--n_val", "12", "--epochs", "1",
+                            "--batch_size", "4", "--quiet", "--resume"))
+    os.rename(os.path.join(out, "results.json"), os.path.join(out, "kept"))  # nor a results.json:
+    with pytest.raises(TrainingError, match="was drawn with --n_train 24 .now 30."):  # the tree's counts
+        hw5_main.main(parse("--demo", "--out_dir", out, "--n_train", "30", "--n_val", "12", "--epochs", "1",
+                            "--batch_size", "4", "--quiet", "--resume"))
+    os.rename(os.path.join(out, "kept"), os.path.join(out, "results.json"))
     assert "- n_synthetic_val (synthetic val2014 images drawn, --n_val): 12" in md
 
     # Interrupted after the CIoU model: --resume evaluates the finished CIoU model without
@@ -222,10 +231,16 @@ def test_seeds_run_the_experiment_per_seed_and_aggregate_their_spread(tmp_path):
     assert resumed["aggregate"] == saved["aggregate"]
     assert resumed["settings"]["earlier_wall_seconds"] == [saved["settings"]["wall_seconds"]]
     # The aggregate is never overwritten by a single run, nor made over some seeds only.
-    for seeds, message in ((["--seeds", "0"], "holds a --seeds run .seeds 0 1."), ([], "holds a --seeds run"),
+    for seeds, message in ((["--seeds", "0"], "give --seeds all of them"), ([], "holds a --seeds run .seeds 0 1."),
                            (["--seeds", "1", "2"], "give --seeds all of them")):
         with pytest.raises(TrainingError, match=message):
             hw5_main.main(parse("--out_dir", out, *seeds, "--resume", *TINY_DEMO))
+    # A --seeds run stopped with only its first seed done goes on as a --seeds run.
+    shutil.rmtree(os.path.join(out, "seed1"))
+    os.remove(os.path.join(out, "results.json"))
+    one = hw5_main.main(parse("--out_dir", out, "--seeds", "0", "--resume", *TINY_DEMO))
+    assert one["seeds"] == [0] and "earlier_wall_seconds" not in one["settings"]
+    assert one["aggregate"]["ciou"]["test"]["accuracy"]["mean"] == saved["per_seed"]["0"]["ciou"]["test"]["accuracy"]
 
 
 def test_one_seed_is_a_plain_run_and_seed_with_seeds_is_refused(tmp_path):
@@ -297,3 +312,6 @@ def test_an_out_dir_that_is_a_file_stops_every_script_with_one_line(tmp_path):
         Dataset.main(Dataset.get_args_parser().parse_args(["--coco_dir", "COCO", "--out_dir", str(afile)]))
     with pytest.raises(TrainingError, match=message):
         predict.main(predict.get_args_parser().parse_args(["--weights", "w.pt", "--out_dir", str(afile), "x.jpg"]))
+    os.symlink(tmp_path / "nowhere", tmp_path / "link")
+    with pytest.raises(TrainingError, match="link is a link to .*nowhere, which does not exist"):
+        hw5_main.main(parse("--out_dir", str(tmp_path / "link"), *TINY_DEMO))

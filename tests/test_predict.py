@@ -82,7 +82,7 @@ def test_any_mode_size_and_exif_orientation_and_unique_overlay_names(weights, tm
     by_name = {os.path.relpath(r["file"], tmp_path): r for r in records}
     assert sorted(by_name) == ["a/rotated.jpg", "a/x.jpg", "a/x.png", "b/x.png"]
     overlays = [r["overlay"] for r in records]
-    assert len(set(overlays)) == 4 and sorted(os.listdir(out)) == sorted(overlays + ["predictions.json"])
+    assert len(set(overlays)) == 4 and sorted(os.listdir(out)) == sorted(overlays + ["predictions.json", ".overlays.json"])
     rotated = by_name["a/rotated.jpg"]
     assert cv2.imread(os.path.join(out, rotated["overlay"])).shape[:2] == (500, 300)
     x1, y1, x2, y2 = rotated["bbox_xyxy"]
@@ -152,5 +152,6 @@ def test_checkpoints_overlays_inside_an_input_folder_and_names_in_any_case(weigh
     same = str(photos / "b")
     assert len(run_predict("--weights", weights, "--out_dir", same, same)) == 1
     assert len(run_predict("--weights", weights, "--out_dir", same, same)) == 1
+    run_predict("--weights", weights, "--out_dir", same, str(photos / "a"))  # overwrites b's predictions.json
     elsewhere = run_predict("--weights", weights, "--out_dir", str(tmp_path / "p3"), str(photos))
     assert sorted(r["file"] for r in elsewhere) == sorted([str(photos / "a" / "Cat.jpg"), str(photos / "b" / "cat.jpg")])
