@@ -543,8 +543,7 @@ def get_args_parser():
 def main(args):
     from utils import out_dir_problem  # utils imports this module
     for option in ("make_synthetic", "out_dir"):
-        problem = getattr(args, option) and out_dir_problem(getattr(args, option), f"--{option}")
-        if problem:
+        if getattr(args, option) and (problem := out_dir_problem(getattr(args, option), f"--{option}")):
             raise DatasetError(problem)
     if args.make_synthetic:
         from synthetic_coco import make_synthetic_coco

@@ -10,7 +10,6 @@ report's Figs. 14-20, model_sum.txt, results.json and results.md (the run's numb
 beside the report's, with the mean-box baseline and the settings).
 """
 import argparse
-import glob
 import json
 import logging
 import math
@@ -68,23 +67,14 @@ def mean_box_baseline(train_boxes, test_boxes):
 # Data
 # ---------------------------------------------------------------------------------
 def drawn_with(out_dir):
-    """What a demo's data in OUT was drawn with ({"n_train", "n_val", "synthetic_seed"}, as
-    far as known): OUT/demo_data.json, or for an OUT made before it was written, the
-    settings of a results.json in it, else the image counts of its synthetic COCO tree."""
-    candidates = [os.path.join(out_dir, "demo_data.json"), os.path.join(out_dir, "results.json")]
-    candidates += sorted(glob.glob(os.path.join(out_dir, "seed*", "results.json")))
-    for path in candidates:
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-        except (OSError, ValueError):
-            continue
-        saved = saved.get("settings", saved)
-        if "n_synthetic_train" in saved:  # a results.json
-            saved = {"n_train": saved["n_synthetic_train"], "n_val": saved["n_synthetic_val"],
-                     "synthetic_seed": saved["synthetic_seed"]}
-        if "n_train" in saved:
-            return saved
+    """What a demo's data in OUT was drawn with: OUT/demo_data.json ({"n_train", "n_val",
+    "synthetic_seed"}), or for an OUT made before that file, the image counts of its
+    synthetic COCO tree."""
+    try:
+        with open(os.path.join(out_dir, "demo_data.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
     counts = {}
     for key, split in (("n_train", "train2014"), ("n_val", "val2014")):
         try:
@@ -480,8 +470,6 @@ def resolve_args(args, parser=None):
             raise TrainingError("give --seed or --seeds, not both")
         if len(set(args.seeds)) != len(args.seeds):
             raise TrainingError(f"--seeds {' '.join(map(str, args.seeds))}: each seed once")
-        if len(args.seeds) == 1:  # one seed is a plain run (except on a --seeds OUT: main)
-            args.seed, args.seeds, args.one_seed = args.seeds[0], None, True
     if args.seed is None:
         args.seed = args.seeds[0] if args.seeds else 0
     return args
@@ -596,10 +584,10 @@ def main(args):
         return drawn
     t_start = time.perf_counter()
     out_dir = args.out_dir
-    if out_dir_problem(out_dir):
-        raise TrainingError(out_dir_problem(out_dir))
-    if getattr(args, "one_seed", False) and seed_runs(out_dir) and not holds_a_run(out_dir):
-        args.seeds = [args.seed]  # --seeds k on a --seeds OUT: its layout, not a plain run's
+    if problem := out_dir_problem(out_dir):
+        raise TrainingError(problem)
+    if args.seeds and len(args.seeds) == 1 and not seed_runs(out_dir):
+        args.seeds = None  # one seed is a plain run, except in the OUT of a --seeds run
     seeds = args.seeds or [args.seed]
     run_dirs = {seed: os.path.join(out_dir, f"seed{seed}") if args.seeds else out_dir for seed in seeds}
     check_layout(out_dir, args.seeds, args.resume)

@@ -10,9 +10,9 @@ receives predictions.json, one record per image: {"file", "class", "score", "sco
 {"bus", "cat", "pizza"}, "bbox_xyxy": [x1, y1, x2, y2] in the image's own pixels, inside
 the image, "overlay"}, and for each image an overlay PNG with the box and "class score"
 drawn on it (every overlay written into PRED is listed in PRED/.overlays.json, so that
-a later search of a folder holding PRED leaves them out). The architecture is read from history.json beside the weights (every run
-of train.py and hw5_main.py writes it), else taken from --width, --n_blocks and
---learnable_res.
+a later search of a folder holding PRED leaves them out). The architecture is read from
+history.json beside the weights (every run of train.py and hw5_main.py writes it), else
+taken from --width, --n_blocks and --learnable_res.
 """
 import argparse
 import json
@@ -42,18 +42,12 @@ OVERLAY_LIST = ".overlays.json"  # every overlay predict.py has written into a f
 
 def earlier_overlays(folder):
     """The overlay PNGs that earlier predict.py runs wrote into folder (listed in its
-    .overlays.json, and in its predictions.json), so that a search does not predict them
-    as photos."""
-    names = set()
-    for name in (OVERLAY_LIST, "predictions.json"):
-        try:
-            with open(os.path.join(folder, name)) as f:
-                listed = json.load(f)
-            names |= {r["overlay"] if isinstance(r, dict) else r for r in listed
-                      if isinstance(r, str) or (isinstance(r, dict) and "overlay" in r)}
-        except (OSError, ValueError, TypeError):
-            pass
-    return names
+    .overlays.json), so that a search does not predict them as photos."""
+    try:
+        with open(os.path.join(folder, OVERLAY_LIST)) as f:
+            return {name for name in json.load(f) if isinstance(name, str)}
+    except (OSError, ValueError, TypeError):
+        return set()
 
 
 def find_images(inputs, skip_dir=None):
@@ -228,16 +222,16 @@ def get_args_parser():
 
 
 def main(args):
-    if out_dir_problem(args.out_dir):
-        raise TrainingError(out_dir_problem(args.out_dir))
+    if problem := out_dir_problem(args.out_dir):
+        raise TrainingError(problem)
     paths = find_images(args.inputs, skip_dir=args.out_dir)
     if not paths:
         raise TrainingError(f"no .jpg, .jpeg or .png file in {' '.join(args.inputs)}")
     if args.batch_size < 1:
         raise TrainingError(f"--batch_size must be at least 1, not {args.batch_size}")
     device = pick_device(args.device)
-    if args.amp and autocast_problem(device):
-        raise TrainingError(f"--amp: {autocast_problem(device)}; run without --amp")
+    if args.amp and (problem := autocast_problem(device)):
+        raise TrainingError(f"--amp: {problem}; run without --amp")
     model = load_model(args.weights, args, device)
     return predict(model, paths, args.out_dir, device, args.batch_size, args.amp, not args.quiet)
 

@@ -974,8 +974,8 @@ def get_args_parser(add_help=True):
 
 
 def main(args):
-    if out_dir_problem(args.out_dir):
-        raise TrainingError(out_dir_problem(args.out_dir))
+    if problem := out_dir_problem(args.out_dir):
+        raise TrainingError(problem)
     device = pick_device(args.device)
     train_set, test_set, val_set = load_datasets(args, progress=not args.quiet)
     seed_everything(args.seed)  # the initial weights come from the seed too
