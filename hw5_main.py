@@ -1,7 +1,7 @@
 """The report's experiment (Section 4): HW5Net trained with CIoU and with MSE, compared.
 
     python hw5_main.py --data_dir data/hw5 --out_dir runs/hw5     # on a dataset built by Dataset.py
-    python hw5_main.py --demo --out_dir runs/demo                  # no COCO: synthetic data, ~12 min on 2 CPU cores
+    python hw5_main.py --demo --out_dir runs/demo                  # no COCO: synthetic data, 9-14 min on 2 CPU cores
 
 Trains both models (train.py), evaluates the best of each on the training and test
 splits, and writes into OUT: ciou/ and mse/ (best_model.pt and history.json; checkpoint.pt
@@ -42,7 +42,7 @@ REPORT = {
     "mse": {"train": {"accuracy": 0.994, "mean_iou": 0.67}, "test": {"accuracy": 0.896, "mean_iou": 0.57}},
 }
 
-# The demo: a synthetic COCO tree small enough for about 12 minutes on 2 CPU cores
+# The demo: a synthetic COCO tree small enough for 9 to 14 minutes on 2 CPU cores
 # (a --single_backward training step of HW5Net at batch 16 costs 0.6 to 1 s there).
 # Each option that is left unset on the command line takes the demo's value with
 # --demo and train.py's default (the report's) without.
