@@ -487,11 +487,10 @@ def seed_runs(out_dir):
                   if re.fullmatch(r"seed(0|[1-9]\d*)", d) and holds_a_run(os.path.join(out_dir, d)))
 
 
-def check_layout(out_dir, seeds, resume):
-    """Refuse a command that would mix a single run and a --seeds run in one OUT (the
-    aggregate results.json of one would be overwritten by the other's), or start over
-    on a run without --resume."""
-    held = seed_runs(out_dir)
+def check_layout(out_dir, held, seeds, resume):
+    """Refuse a command that would mix a single run and a --seeds run in one OUT (held: the
+    seeds of its seed{k}/ runs; the aggregate results.json of one would be overwritten by
+    the other's), or start over on a run without --resume."""
     if held and not seeds:
         raise TrainingError(f"{out_dir} holds a --seeds run (seeds {' '.join(map(str, held))}): go on "
                             f"with it with --seeds and --resume, or choose another --out_dir")
@@ -502,8 +501,7 @@ def check_layout(out_dir, seeds, resume):
         where = f" ({', '.join(f'seed{k}' for k in held)})" if held else ""
         raise TrainingError(f"{out_dir} already holds a run{where}; pass --resume to continue it, "
                             f"or choose another --out_dir")
-    left_out = [k for k in held if k not in (seeds or [])]
-    if seeds and left_out:  # OUT/results.json would leave them out
+    if seeds and not set(held) <= set(seeds):  # OUT/results.json would leave some out
         raise TrainingError(f"{out_dir} holds seeds {' '.join(map(str, held))}: give --seeds all of "
                             f"them (and any new ones), not {' '.join(map(str, seeds))}")
 
@@ -535,23 +533,25 @@ def run_experiment(args, out_dir, datasets, device, t_start):
                         "files_written": len(saves)}
     results["report"] = REPORT
     results["settings"] = experiment_settings(args, device, datasets, n_params, n_layers, t_start)
-    earlier = earlier_wall_seconds(os.path.join(out_dir, "results.json")) if args.resume else []
-    if earlier:  # a finished run evaluated again: its first command's time is kept
-        results["settings"]["earlier_wall_seconds"] = earlier
+    if args.resume:  # a finished run evaluated again: its first command's time is kept
+        keep_earlier_wall_seconds(results["settings"], os.path.join(out_dir, "results.json"))
     write_json(results, os.path.join(out_dir, "results.json"))
     write_text(results_markdown(results), os.path.join(out_dir, "results.md"))
     return results
 
 
-def earlier_wall_seconds(path):
-    """The wall times of the commands that wrote an existing results.json (a run evaluated
-    again with --resume), oldest first; [] when there is none."""
+def keep_earlier_wall_seconds(settings, path):
+    """Put into settings, as earlier_wall_seconds (oldest first), the wall times of the
+    commands that wrote the results.json at path, which a resumed run replaces; nothing
+    when there is none."""
     try:
         with open(path) as f:
-            settings = json.load(f).get("settings", {})
+            before = json.load(f).get("settings", {})
     except (OSError, ValueError):
-        return []
-    return settings.get("earlier_wall_seconds", []) + [settings["wall_seconds"]] * ("wall_seconds" in settings)
+        return
+    earlier = before.get("earlier_wall_seconds", []) + [before["wall_seconds"]] * ("wall_seconds" in before)
+    if earlier:
+        settings["earlier_wall_seconds"] = earlier
 
 
 def experiment_settings(args, device, datasets, n_params, n_layers, t_start):
@@ -586,22 +586,23 @@ def main(args):
     out_dir = args.out_dir
     if problem := out_dir_problem(out_dir):
         raise TrainingError(problem)
-    if args.seeds and len(args.seeds) == 1 and not seed_runs(out_dir):
+    held = seed_runs(out_dir)
+    if args.seeds and len(args.seeds) == 1 and not held:
         args.seeds = None  # one seed is a plain run, except in the OUT of a --seeds run
     seeds = args.seeds or [args.seed]
     run_dirs = {seed: os.path.join(out_dir, f"seed{seed}") if args.seeds else out_dir for seed in seeds}
-    check_layout(out_dir, args.seeds, args.resume)
+    check_layout(out_dir, held, args.seeds, args.resume)
     device = pick_device(args.device)
     try:  # needed after training, for the COCO metrics: say so now, not hours later
         import pycocotools.cocoeval  # noqa: F401
     except ImportError:
         raise TrainingError("pycocotools is not installed: pip install -r requirements.txt") from None
-    check_training_args(args, 2, device)  # the options alone, before the demo's data is drawn
+    check_training_args(args, device)  # the options alone, before the demo's data is drawn
     args.data_dir = prepare_demo_data(out_dir, args) if args.demo else args.data_dir
     # Loaded once for every seed (with --val_fraction, held out with the first seed): the
     # seeds vary training only. Bad data stops here, before OUT is made.
     datasets = load_datasets(args, progress=not args.quiet)
-    check_training_args(args, len(datasets[0]), device)
+    check_training_args(args, device, len(datasets[0]))  # before anything goes into OUT
     if not all(has_coco_geometry(d.data) for d in (datasets[0], datasets[1])):
         log.warning("%s was built by an older Dataset.py, without each image's original size and "
                     "COCO box: coco_results_*.json and the COCO metrics are skipped (rebuild it "
@@ -615,10 +616,9 @@ def main(args):
         per_seed[seed] = run_experiment(run_args, run_dir, datasets, device,
                                         time.perf_counter() if args.seeds else t_start)
     if args.seeds:
-        earlier = earlier_wall_seconds(os.path.join(out_dir, "results.json")) if args.resume else []
         results = aggregate_results(per_seed, round(time.perf_counter() - t_start, 1))
-        if earlier:
-            results["settings"]["earlier_wall_seconds"] = earlier
+        if args.resume:
+            keep_earlier_wall_seconds(results["settings"], os.path.join(out_dir, "results.json"))
         markdown = seeds_markdown(results)
         write_json(results, os.path.join(out_dir, "results.json"))
         write_text(markdown, os.path.join(out_dir, "results.md"))

@@ -164,12 +164,12 @@ def predict(model, paths, out_dir, device, batch_size=32, amp=False, progress=Tr
                 continue
             chunk.append((path, name, img))
         if chunk:
+            os.makedirs(out_dir, exist_ok=True)  # not before an image has decoded
             probs, boxes = predict_batch(model, [resize_image(img) for _, _, img in chunk], device, amp)
             for (path, name, img), p, box in zip(chunk, probs.tolist(), boxes.tolist()):
                 h, w = img.shape[:2]
                 xyxy = [box[0] * w, box[1] * h, box[2] * w, box[3] * h]  # the resize undone
                 c = int(np.argmax(p))
-                os.makedirs(out_dir, exist_ok=True)  # not before an image has decoded
                 records.append({"file": path, "class": CLASS_NAMES[c], "score": p[c],
                                 "scores": dict(zip(CLASS_NAMES, p)), "bbox_xyxy": xyxy,
                                 "overlay": name})

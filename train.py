@@ -284,11 +284,13 @@ class LearningRate:
         return self.base_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def check_training_args(args, n_train, device):
-    """Options that cannot train, refused in one line before anything is written."""
-    if args.batch_size < 2 or n_train < 2:
-        raise TrainingError(f"--batch_size {args.batch_size} with {n_train} training images: "
-                            f"BatchNorm needs at least 2 images a batch")
+def check_training_args(args, device, n_train=None):
+    """Options that cannot train (and, given n_train, a training set too small to), refused
+    in one line before anything is written."""
+    if args.batch_size < 2 or (n_train is not None and n_train < 2):
+        images = f" with {n_train} training images" if n_train is not None else ""
+        raise TrainingError(f"--batch_size {args.batch_size}{images}: BatchNorm needs at least "
+                            f"2 images a batch")
     if args.epochs < 1:
         raise TrainingError(f"--epochs must be at least 1, not {args.epochs}")
     if args.eval_batch_size < 1:
@@ -299,10 +301,8 @@ def check_training_args(args, n_train, device):
     if args.warmup_epochs and args.lr_schedule == "constant":
         raise TrainingError("--warmup_epochs goes with --lr_schedule cosine (the constant schedule "
                             "has no warm-up)")
-    if args.amp:
-        problem = autocast_problem(device)
-        if problem:
-            raise TrainingError(f"--amp: {problem}; run without --amp")
+    if args.amp and (problem := autocast_problem(device)):
+        raise TrainingError(f"--amp: {problem}; run without --amp")
 
 
 def split_train_val(files, fraction, seed):
@@ -721,8 +721,8 @@ def check_same_settings(saved, args, path):
     """Refuse to go on with a run (saved: its settings) under other TRAJECTORY settings."""
     changed = []
     for k in TRAJECTORY:
-        was = saved.get(k, LEGACY_DEFAULTS.get(k, getattr(args, k)))
         if k in saved or k in LEGACY_DEFAULTS:
+            was = saved.get(k, LEGACY_DEFAULTS.get(k))
             if was != getattr(args, k):
                 changed.append(f"--{k} {was} (now {getattr(args, k)})")
     if changed:
@@ -774,7 +774,7 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
         held = "checkpoint.pt" if os.path.exists(files.checkpoint) else "history.json"
         raise TrainingError(f"{out_dir} already holds a run ({held}); pass --resume to continue it, "
                             f"or choose another --out_dir")
-    check_training_args(args, len(train_set), device)
+    check_training_args(args, device, len(train_set))
     os.makedirs(out_dir, exist_ok=True)
     remove_partial_writes(out_dir)
     seed_everything(args.seed)

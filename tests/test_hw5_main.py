@@ -174,6 +174,16 @@ def test_options_resolve_to_the_report_or_the_demo():
         parse("--data_dir", "d", "--out_dir", "o", "--n_train", "5")
 
 
+def test_options_that_cannot_train_stop_before_the_demo_draws_its_data(tmp_path):
+    for extra, message in ((["--epochs", "0"], "--epochs must be at least 1"),
+                           (["--batch_size", "1"], "--batch_size 1: BatchNorm needs at least 2"),
+                           (["--warmup_epochs", "9"], "--warmup_epochs must lie")):
+        out = tmp_path / "demo"
+        with pytest.raises(TrainingError, match=message):
+            hw5_main.main(parse(*TINY_DEMO, "--out_dir", str(out), *extra))
+        assert not out.exists()
+
+
 def test_mean_box_baseline():
     train_boxes = torch.tensor([[0.0, 0.0, 0.4, 0.5], [0.0, 0.0, 0.6, 0.5]])  # mean [0, 0, .5, .5]
     test_boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.5, 1.0]])
