@@ -358,7 +358,7 @@ def display_preds(images, predictions, out_path, title, per_class=5, seed=0):
     plt = _pyplot()
     rows = select_per_class(predictions["label"], per_class, seed)
     fig, axes = plt.subplots(len(CLASS_NAMES), per_class,
-                             figsize=(2.7 * per_class, 3.0 * len(CLASS_NAMES)), squeeze=False)
+                             figsize=(2.7 * per_class, 3.2 * len(CLASS_NAMES)), squeeze=False)
     for r, indices in enumerate(rows):
         for c in range(per_class):
             ax = axes[r, c]

@@ -239,9 +239,37 @@ def test_figures_write_pngs(tmp_path):
                    "accuracy": [0.4, 0.7, 0.9], "mean_iou": [0.1, 0.3, 0.5]} for s in ("train", "test")}
     utils.plot_history(history, str(tmp_path / "curves.png"), "CIoU")
     assert png_shape(tmp_path / "cm.png") == (480, 560)
-    assert png_shape(tmp_path / "preds.png") == (900, 1350)
+    assert png_shape(tmp_path / "preds.png") == (960, 1350)
     assert png_shape(tmp_path / "curves.png") == (360, 1680)
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_prediction_titles_stay_clear_of_the_row_above(tmp_path, monkeypatch):
+    """Each panel's two-line title lies between its own image and the image above it."""
+    gen = torch.Generator().manual_seed(5)
+    n = 15
+    labels = torch.arange(n) % 3
+    box = random_valid_boxes(n, gen).float()
+    preds = {"label": labels, "pred_label": labels, "box": box, "pred_box": box, "iou": torch.rand(n, generator=gen)}
+    images = torch.zeros(n, 3, 256, 256, dtype=torch.uint8)
+    gaps = []
+
+    def measure(fig, out_path, dpi=100):
+        fig.canvas.draw()  # as savefig does: equal aspect applied to each image's axes
+        renderer = fig.canvas.get_renderer()
+        axes = [ax for ax in fig.axes if ax.images]
+        for ax in axes:
+            title = ax.title.get_window_extent(renderer)
+            image = ax.get_window_extent(renderer)  # the image's box (equal aspect)
+            above = [a.get_window_extent(renderer) for a in axes
+                     if a.get_window_extent(renderer).y0 > image.y1 and
+                     abs(a.get_window_extent(renderer).x0 - image.x0) < 1]
+            gaps.append(title.y0 - image.y1)  # display coordinates: y grows upwards
+            if above:
+                gaps.append(min(a.y0 for a in above) - title.y1)
+    monkeypatch.setattr(utils, "_save", measure)
+    utils.display_preds(images, preds, str(tmp_path / "preds.png"), "CIoU model, test data")
+    assert len(gaps) == 15 + 10 and min(gaps) > 0
 
 
 def test_prediction_records_round_trip_exactly_and_coco_results_clip_and_rescale():
