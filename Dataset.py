@@ -1,21 +1,15 @@
 """COCO -> 256x256 single-dominant-object dataset (report Section 2), and MyCOCODataset.
 
-Build from a COCO tree (train{year}/, val{year}/, annotations/instances_*{year}.json):
-
     python Dataset.py --coco_dir /data/coco --out_dir data/hw5 --workers 8
 
-Make a synthetic COCO-format tree first when there is no COCO on the machine:
-
-    python Dataset.py --make_synthetic data/synthetic_coco
-    python Dataset.py --coco_dir data/synthetic_coco --out_dir data/hw5_synthetic
-
-An image is kept when, among its non-crowd bus/cat/pizza annotations, exactly one has
+(synthetic_coco.py makes a COCO-format tree where there is no COCO.) An image is kept when, among its non-crowd bus/cat/pizza annotations, exactly one has
 COCO `area` > 200*200. DATA then holds train_data/ and test_data/ (256x256 JPEGs named
 as in COCO), train_data.pkl, test_data.pkl, inv_map.pkl and sample_images.png (Fig. 2).
 """
 import argparse
 import contextlib
 import copy
+import glob
 import io
 import json
 import logging
@@ -35,6 +29,8 @@ import torch
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
+from files import UserError, atomic_write, out_dir_problem, write_json
+
 log = logging.getLogger("Dataset")
 
 IMAGE_SIZE = 256
@@ -47,7 +43,7 @@ IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 SPLITS = (("train", "train_data"), ("val", "test_data"))  # COCO split -> our folder
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """Bad input found before any work: the message names the path and what was expected."""
 
 
@@ -61,26 +57,13 @@ def expected_layout(coco_dir, year):
 
 
 def _first_existing(paths):
-    for p in paths:
-        if os.path.exists(p):
-            return p
-    return None
+    return next((p for p in paths if os.path.exists(p)), None)
 
 
 def _years_present(coco_dir):
-    years = set()
-    for sub in ("annotations",) + tuple(n for n in _listdir(coco_dir) if n.startswith("annotations")):
-        for name in _listdir(os.path.join(coco_dir, sub)):
-            if name.startswith("instances_train") and name.endswith(".json"):
-                years.add(name[len("instances_train"):-len(".json")])
-    return sorted(years)
-
-
-def _listdir(path):
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []
+    """The years of the instances_train{year}.json files under annotations*/."""
+    found = glob.glob(os.path.join(coco_dir, "annotations*", "instances_train*.json"))
+    return sorted({os.path.basename(p)[len("instances_train"):-len(".json")] for p in found})
 
 
 def resolve_coco_layout(coco_dir, year):
@@ -182,11 +165,8 @@ def read_rgb(path):
 
 
 def resize_image(img, size=IMAGE_SIZE):
-    """Anti-aliased resize to size x size, each axis the right way: area averaging along
-    an axis that shrinks (the usual case: COCO images are ~640x480), bilinear along one
-    that grows. An image that shrinks along one axis and grows along the other (640x240)
-    is resized in two passes, the shrinking axis first; one bilinear pass would alias
-    the shrinking axis."""
+    """Anti-aliased resize to size x size: area averaging along an axis that shrinks,
+    bilinear along one that grows (a 640x240 image takes two passes, shrinking first)."""
     h, w = img.shape[:2]
     if w >= size and h >= size:
         return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
@@ -234,10 +214,10 @@ def _init_worker():
 # Building a split
 # ---------------------------------------------------------------------------------
 def _atomic_pickle(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        pickle.dump(obj, f)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            pickle.dump(obj, f)
+    atomic_write(path, write)
 
 
 def _replace_dir(tmp_dir, final_dir):
@@ -266,15 +246,16 @@ def build_split(coco, image_dir, out_dir, folder, workers=1, jpeg_quality=95, pr
              for img, _ in candidates]
     bar = tqdm(total=len(tasks), desc=f"{folder}", unit="img", disable=not progress, leave=False)
     failures = {}
-    if workers <= 1:
-        results = map(process_image, tasks)
-        _drain(results, failures, bar)
-    else:
-        # spawn, not fork: a forked child inherits the parent's OpenCV/torch thread pools
-        # in a broken state and can hang in its first cv2 call.
-        workers = min(workers, 1 + len(tasks) // 32)
-        with get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
-            _drain(pool.imap_unordered(process_image, tasks, chunksize=16), failures, bar)
+    # spawn, not fork: a forked child inherits the parent's OpenCV/torch thread pools in a
+    # broken state and can hang in its first cv2 call.
+    workers = min(workers, 1 + len(tasks) // 32)
+    pool = get_context("spawn").Pool(workers, initializer=_init_worker) if workers > 1 else None
+    with pool or contextlib.nullcontext():
+        results = pool.imap_unordered(process_image, tasks, chunksize=16) if pool else map(process_image, tasks)
+        for path, reason in results:
+            if reason is not None:
+                failures[path] = reason
+            bar.update(1)
     bar.close()
     for src, reason in sorted(failures.items()):
         log.warning("skipped %s: %s", src, reason)
@@ -289,8 +270,7 @@ def build_split(coco, image_dir, out_dir, folder, workers=1, jpeg_quality=95, pr
             "image_id": ann["image_id"],
             "id": ann["id"],
             "area": ann["area"],
-            # The original geometry, for outputs in the COCO image's own pixels
-            # (hw5_main's coco_results_{split}.json and its COCOeval metrics).
+            # The original geometry: outputs in the COCO image's own pixels, COCOeval.
             "width": img["width"],
             "height": img["height"],
             "coco_bbox": [float(v) for v in ann["bbox"]],
@@ -303,13 +283,6 @@ def build_split(coco, image_dir, out_dir, folder, workers=1, jpeg_quality=95, pr
     summary = {"kept": len(records), "per_class": {c: per_class.get(c, 0) for c in CLASS_NAMES},
                "rejected": dict(rejected), "considered": considered}
     return records, summary
-
-
-def _drain(results, failures, bar):
-    for path, reason in results:
-        if reason is not None:
-            failures[path] = reason
-        bar.update(1)
 
 
 def build_dataset(coco_dir, out_dir, year=2014, workers=1, jpeg_quality=95, progress=True,
@@ -334,10 +307,8 @@ def build_dataset(coco_dir, out_dir, year=2014, workers=1, jpeg_quality=95, prog
             raise DatasetError(f"no image of {layout[split][0]} has exactly one bus/cat/pizza "
                                f"annotation with area > {MIN_AREA}: nothing to write for {folder}")
     _atomic_pickle(dict(INV_MAP), os.path.join(out_dir, "inv_map.pkl"))
-    summary_path = os.path.join(out_dir, "build_summary.json")
-    with open(summary_path + ".tmp", "w") as f:
-        json.dump({"coco_dir": os.path.abspath(coco_dir), "year": year, **summaries}, f, indent=2)
-    os.replace(summary_path + ".tmp", summary_path)
+    write_json({"coco_dir": os.path.abspath(coco_dir), "year": year, **summaries},
+               os.path.join(out_dir, "build_summary.json"))
     if figure:
         plot_images(out_dir, os.path.join(out_dir, "sample_images.png"))
     return summaries
@@ -347,10 +318,8 @@ def build_dataset(coco_dir, out_dir, year=2014, workers=1, jpeg_quality=95, prog
 # Figure 2: sample images
 # ---------------------------------------------------------------------------------
 def draw_box(img, box_xyxy, colour, text, thickness=2, label_at="top", font_scale=0.45):
-    """Draw a box and its label on an RGB uint8 image in place (cv2, as the report).
-    The label sits on a filled tab of the box colour, above the box's top edge
-    (label_at="top") or below its bottom edge ("bottom"), moved inside when it would
-    leave the image."""
+    """Draw a box and its label on an RGB uint8 image in place (cv2, as the report), the
+    label on a tab above the box (label_at="top") or below it, kept inside the image."""
     x1, y1, x2, y2 = (int(round(v)) for v in box_xyxy)
     cv2.rectangle(img, (x1, y1), (x2, y2), colour, thickness)
     weight = max(1, round(font_scale / 0.45))
@@ -370,10 +339,7 @@ def draw_box(img, box_xyxy, colour, text, thickness=2, label_at="top", font_scal
 
 def plot_images(data_dir, out_path, per_class=5, seed=0, split="train_data"):
     """Report Fig. 2: per_class images of each class, green box and class name."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     with open(os.path.join(data_dir, f"{split}.pkl"), "rb") as f:
         records = pickle.load(f)
     rng = np.random.default_rng(seed)
@@ -394,10 +360,21 @@ def plot_images(data_dir, out_path, per_class=5, seed=0, split="train_data"):
             ax.set_title(f"{name} {col + 1}", fontsize=10)
     fig.suptitle("Sample images from each class", fontsize=13)
     fig.tight_layout()
-    tmp = out_path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_path)
+    save_figure(fig, out_path)
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files only (no window, also on a machine with a display)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, out_path, dpi=100):
+    """A matplotlib figure to a PNG, atomically, and closed."""
+    atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    pyplot().close(fig)
 
 
 # ---------------------------------------------------------------------------------
@@ -441,39 +418,21 @@ def decode_images(paths, workers=None, progress=False):
     return out
 
 
-COCO_GEOMETRY = ("width", "height", "coco_bbox")
-
-
-def has_coco_geometry(records):
-    """Whether a split's records keep each image's original size and the annotation's
-    original COCO box (DATA built by this version; older builds have only the 256-scaled
-    box)."""
-    return all(key in r for r in records.values() for key in COCO_GEOMETRY)
-
-
-def _random_flip():
-    from torchvision.transforms import v2
-    return v2.RandomHorizontalFlip(p=0.5)
-
-
 class MyCOCODataset(torch.utils.data.Dataset):
     """One split of a built DATA directory.
 
     Items are {"image": float 3x256x256 in [0, 1], "label": long, "bbox": float
-    [x1, y1, x2, y2] normalised by the image size 256}. All images are decoded once,
-    when the dataset is made, into a uint8 tensor (about 0.75 GB for COCO's 3.8k
-    training images), so no epoch decodes a JPEG again. `augment=True` adds a random
-    horizontal flip that moves the box with the image (off by default, as the report).
+    [x1, y1, x2, y2] / 256}. Every image is decoded once, into a uint8 tensor (0.75 GB
+    for COCO's 3.8k training images); training reads it through devices.DeviceBatches.
     """
 
-    def __init__(self, data_dir, train=True, augment=False, files=None, progress=False):
+    def __init__(self, data_dir, train=True, files=None, progress=False):
         records, inv_map, image_dir = load_split_records(data_dir, train)
         self.files = sorted(records) if files is None else list(files)
         unknown = [f for f in self.files if f not in records]
         if unknown:
             raise DatasetError(f"{unknown[0]} is not in {image_dir}.pkl")
         self.data, self.label_map, self.image_dir = records, inv_map, image_dir
-        self.augment = augment
         self.images = decode_images([os.path.join(image_dir, f) for f in self.files],
                                     progress=progress)
         self.labels = torch.tensor([inv_map[records[f]["category_id"]] for f in self.files],
@@ -481,40 +440,26 @@ class MyCOCODataset(torch.utils.data.Dataset):
         xywh = torch.tensor([records[f]["bbox"] for f in self.files], dtype=torch.float32)
         xywh = xywh.reshape(-1, 4)
         self.boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1) / IMAGE_SIZE
-        self._flip = _random_flip() if augment else None
 
-    def subset(self, files, augment=False):
-        """A dataset of some of these files, with nothing decoded again: the cached images
-        are indexed (a held-out validation split), or shared outright when files are all
-        of them in the same order (the training split evaluated without the flip)."""
+    def subset(self, files):
+        """A dataset of some of these files (a held-out validation split), indexing the
+        decoded images: nothing is decoded again."""
         position = {f: i for i, f in enumerate(self.files)}
         missing = [f for f in files if f not in position]
         if missing:
             raise DatasetError(f"{missing[0]} is not in {self.image_dir}.pkl")
         part = copy.copy(self)
         part.files = list(files)
-        if part.files != self.files:  # the same files in the same order share the cache
-            index = torch.tensor([position[f] for f in files], dtype=torch.long)
-            part.images, part.labels, part.boxes = self.images[index], self.labels[index], self.boxes[index]
-        part.augment = augment
-        part._flip = (self._flip or _random_flip()) if augment else None
+        index = torch.tensor([position[f] for f in files], dtype=torch.long)
+        part.images, part.labels, part.boxes = self.images[index], self.labels[index], self.boxes[index]
         return part
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, index):
-        image, bbox = self.images[index], self.boxes[index]
-        if self._flip is not None:
-            image, bbox = self._apply_flip(image, bbox)
-        return {"image": image.float().div_(255.0), "label": self.labels[index], "bbox": bbox}
-
-    def _apply_flip(self, image, bbox):
-        from torchvision import tv_tensors
-        boxes = tv_tensors.BoundingBoxes(bbox[None] * IMAGE_SIZE, format="XYXY",
-                                         canvas_size=(IMAGE_SIZE, IMAGE_SIZE))
-        image, boxes = self._flip(tv_tensors.Image(image), boxes)
-        return image.as_subclass(torch.Tensor), boxes.as_subclass(torch.Tensor)[0] / IMAGE_SIZE
+        return {"image": self.images[index].float().div_(255.0), "label": self.labels[index],
+                "bbox": self.boxes[index]}
 
 
 # ---------------------------------------------------------------------------------
@@ -523,38 +468,21 @@ class MyCOCODataset(torch.utils.data.Dataset):
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--coco_dir", help="COCO tree: annotations/, train{year}/, val{year}/")
-    p.add_argument("--out_dir", help="where the dataset (DATA) is written")
+    p.add_argument("--coco_dir", required=True,
+                   help="COCO tree: annotations/, train{year}/, val{year}/ (required)")
+    p.add_argument("--out_dir", required=True, help="where the dataset (DATA) is written (required)")
     p.add_argument("--year", type=int, default=2014, help="COCO release year in the file names")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes resizing images (1: in this process)")
     p.add_argument("--jpeg_quality", type=int, default=95, help="JPEG quality of the 256x256 images")
     p.add_argument("--no_figure", action="store_true", help="skip sample_images.png (report Fig. 2)")
-    p.add_argument("--make_synthetic", metavar="DIR",
-                   help="write a synthetic COCO-format tree into DIR (then build from it "
-                        "with --coco_dir DIR)")
-    p.add_argument("--n_train", type=int, default=300, help="synthetic train images")
-    p.add_argument("--n_val", type=int, default=150, help="synthetic val images")
-    p.add_argument("--seed", type=int, default=0, help="synthetic tree seed")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
 def main(args):
-    from utils import out_dir_problem  # utils imports this module
-    for option in ("make_synthetic", "out_dir"):
-        if getattr(args, option) and (problem := out_dir_problem(getattr(args, option), f"--{option}")):
-            raise DatasetError(problem)
-    if args.make_synthetic:
-        from synthetic_coco import make_synthetic_coco
-        make_synthetic_coco(args.make_synthetic, args.n_train, args.n_val, args.seed, args.year)
-        log.info("synthetic COCO tree in %s; build with: python Dataset.py --coco_dir %s "
-                 "--out_dir DATA%s", args.make_synthetic, args.make_synthetic,
-                 "" if args.year == 2014 else f" --year {args.year}")
-        if not args.coco_dir:
-            return None
-    if not args.coco_dir or not args.out_dir:
-        raise DatasetError("--coco_dir and --out_dir are required (or --make_synthetic DIR)")
+    if problem := out_dir_problem(args.out_dir):
+        raise DatasetError(problem)
     summaries = build_dataset(args.coco_dir, args.out_dir, args.year, args.workers,
                               args.jpeg_quality, progress=not args.quiet, figure=not args.no_figure)
     log.info("dataset written to %s", args.out_dir)

@@ -2,17 +2,11 @@
 
     python predict.py --weights runs/demo/ciou/best_model.pt --out_dir PRED photo.jpg photos/
 
-Each image (JPEG or PNG, any size, grayscale or RGBA) is shown to the model as Dataset.py
-prepares COCO's: decoded to RGB and resized to 256x256 with resize_image. A photo's EXIF
-orientation is applied first, so the image and its box are as a viewer shows them
-(COCO's boxes, and so the training data, refer to the stored pixels instead). PRED
-receives predictions.json, one record per image: {"file", "class", "score", "scores":
-{"bus", "cat", "pizza"}, "bbox_xyxy": [x1, y1, x2, y2] in the image's own pixels, inside
-the image, "overlay"}, and for each image an overlay PNG with the box and "class score"
-drawn on it (every overlay written into PRED is listed in PRED/.overlays.json, so that
-a later search of a folder holding PRED leaves them out). The architecture is read from
-history.json beside the weights (every run of train.py and hw5_main.py writes it), else
-taken from --width, --n_blocks and --learnable_res.
+Each image (JPEG or PNG, any size and mode) is prepared as Dataset.py prepares COCO's,
+after its EXIF orientation is applied. PRED receives predictions.json (a record per
+image, the box in the image's own pixels), an overlay PNG per image, and .overlays.json
+(the overlays' names, which later searches leave out). The architecture is read from
+history.json beside the weights, else from --width, --n_blocks and --learnable_res.
 """
 import argparse
 import json
@@ -25,18 +19,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from Dataset import CLASS_NAMES, IMAGE_SIZE, draw_box, resize_image
-from network import HW5Net
-from train import TrainingError, load_checkpoint, load_model_state, pick_device
-from utils import autocast, autocast_problem, order_boxes, out_dir_problem, write_json
+from checkpoints import load_checkpoint, load_model_state
+from Dataset import CLASS_NAMES, draw_box, resize_image
+from devices import DEVICE_HELP, autocast, autocast_problem, pick_device
+from files import UserError, atomic_write, out_dir_problem, write_json
+from network import ARCHITECTURE, HW5Net
+from utils import order_boxes
 
 log = logging.getLogger("predict")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-ARCHITECTURE = {"width": 8, "n_blocks": 5, "learnable_res": False}  # train.py's defaults
 BOX_COLOUR = (255, 0, 0)  # RGB, the prediction's colour in the report's figures
-
-
 OVERLAY_LIST = ".overlays.json"  # every overlay predict.py has written into a folder
 
 
@@ -53,7 +46,7 @@ def earlier_overlays(folder):
 def find_images(inputs, skip_dir=None):
     """The image files named by inputs, in order: a file as given, a directory's JPEG and
     PNG files (searched recursively, sorted; skip_dir, where the overlays go, and the
-    overlays of earlier runs into a searched folder are left out). Raises TrainingError
+    overlays of earlier runs into a searched folder are left out). Raises UserError
     for a path that does not exist."""
     found = []
     skip = os.path.realpath(skip_dir) if skip_dir else None
@@ -70,7 +63,7 @@ def find_images(inputs, skip_dir=None):
         elif os.path.isfile(path):
             found.append(path)
         else:
-            raise TrainingError(f"{path}: no such file or directory")
+            raise UserError(f"{path}: no such file or directory")
     return found
 
 
@@ -116,8 +109,8 @@ def architecture(weights, args):
         given = getattr(args, key)
         if key in settings:
             if given is not None and given != settings[key]:
-                raise TrainingError(f"--{key} {given} contradicts {history}, which says the weights "
-                                    f"were trained with {key} {settings[key]}")
+                raise UserError(f"--{key} {given} contradicts {history}, which says the weights "
+                                f"were trained with {key} {settings[key]}")
             arch[key] = settings[key]
         else:
             arch[key] = default if given is None else given
@@ -142,10 +135,8 @@ def draw_overlay(img, box, text):
 
 
 def write_png(img_rgb, path):
-    tmp = path + ".tmp.png"
-    if not cv2.imwrite(tmp, cv2.cvtColor(img_rgb, cv2.COLOR_RGB2BGR)):
-        raise TrainingError(f"cannot write {path}")
-    os.replace(tmp, path)
+    _, buf = cv2.imencode(".png", cv2.cvtColor(img_rgb, cv2.COLOR_RGB2BGR))
+    atomic_write(path, buf.tofile)
 
 
 def predict(model, paths, out_dir, device, batch_size=32, amp=False, progress=True):
@@ -178,7 +169,7 @@ def predict(model, paths, out_dir, device, batch_size=32, amp=False, progress=Tr
         bar.update(min(batch_size, len(paths) - start))
     bar.close()
     if not records:
-        raise TrainingError(f"none of the {len(paths)} file(s) given is a decodable image")
+        raise UserError(f"none of the {len(paths)} file(s) given is a decodable image")
     overlays = earlier_overlays(out_dir) | {r["overlay"] for r in records}
     write_json(sorted(overlays), os.path.join(out_dir, OVERLAY_LIST))
     write_json(records, os.path.join(out_dir, "predictions.json"))
@@ -189,7 +180,7 @@ def predict(model, paths, out_dir, device, batch_size=32, amp=False, progress=Tr
 
 def load_model(weights, args, device):
     if not os.path.isfile(weights):
-        raise TrainingError(f"--weights {weights}: no such file (a best_model.pt written by "
+        raise UserError(f"--weights {weights}: no such file (a best_model.pt written by "
                             f"train.py or hw5_main.py)")
     arch = architecture(weights, args)
     model = HW5Net(**arch)
@@ -209,7 +200,7 @@ def get_args_parser():
                    help="image files, and directories searched for .jpg, .jpeg and .png files")
     p.add_argument("--weights", required=True, help="a best_model.pt (state_dict) of train.py or hw5_main.py")
     p.add_argument("--out_dir", required=True, help="where predictions.json and the overlays go")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast for the forward pass")
     for key, default in ARCHITECTURE.items():
@@ -223,15 +214,15 @@ def get_args_parser():
 
 def main(args):
     if problem := out_dir_problem(args.out_dir):
-        raise TrainingError(problem)
+        raise UserError(problem)
     paths = find_images(args.inputs, skip_dir=args.out_dir)
     if not paths:
-        raise TrainingError(f"no .jpg, .jpeg or .png file in {' '.join(args.inputs)}")
+        raise UserError(f"no .jpg, .jpeg or .png file in {' '.join(args.inputs)}")
     if args.batch_size < 1:
-        raise TrainingError(f"--batch_size must be at least 1, not {args.batch_size}")
+        raise UserError(f"--batch_size must be at least 1, not {args.batch_size}")
     device = pick_device(args.device)
     if args.amp and (problem := autocast_problem(device)):
-        raise TrainingError(f"--amp: {problem}; run without --amp")
+        raise UserError(f"--amp: {problem}; run without --amp")
     model = load_model(args.weights, args, device)
     return predict(model, paths, args.out_dir, device, args.batch_size, args.amp, not args.quiet)
 
@@ -240,7 +231,7 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         main(get_args_parser().parse_args())
-    except TrainingError as e:
+    except UserError as e:
         log.error("%s", e)
         sys.exit(2)
     except OSError as e:  # an --out_dir that is a file, or not writable

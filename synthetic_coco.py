@@ -2,9 +2,10 @@
 
 Users and CI have no COCO, so the whole pipeline is exercised on images this module
 draws: real JPEG files in the standard layout, with `instances_*.json` files that
-pycocotools reads exactly as it reads the COCO release. Run it through Dataset.py:
+pycocotools reads exactly as it reads the COCO release:
 
-    python Dataset.py --make_synthetic data/synthetic_coco --n_train 300 --n_val 150
+    python synthetic_coco.py --out_dir data/synthetic_coco --n_train 300 --n_val 150
+    python Dataset.py --coco_dir data/synthetic_coco --out_dir data/hw5_synthetic
 
 Every case the dataset filter must handle occurs: one dominant object; a dominant
 object plus small ones; two dominant objects; none; a large crowd annotation; a large
@@ -17,14 +18,18 @@ a pizza is a crust ring round the cheese, cut into slices, with toppings. Object
 in size, aspect, position and colour, on backgrounds of gradients, random shapes,
 lines and noise.
 """
+import argparse
 import json
 import logging
 import math
 import os
+import sys
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from files import UserError, out_dir_problem, write_text
 
 log = logging.getLogger(__name__)
 
@@ -360,11 +365,36 @@ def make_synthetic_coco(out_dir, n_train=300, n_val=150, seed=0, year=2014):
         coco = make_split(out_dir, split, year, n, seed, first_id, next_ann)
         next_ann += len(coco["annotations"])
         path = os.path.join(ann_dir, f"instances_{split}{year}.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(coco, f)
-        os.replace(tmp, path)
+        write_text(json.dumps(coco), path)
         log.info("synthetic %s%s: %d images, %d annotations -> %s",
                  split, year, n, len(coco["annotations"]), path)
         result[split] = coco
     return result
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out_dir", required=True, help="where the COCO-format tree goes (required)")
+    p.add_argument("--n_train", type=int, default=300, help="train images")
+    p.add_argument("--n_val", type=int, default=150, help="val images")
+    p.add_argument("--seed", type=int, default=0, help="the tree's seed")
+    p.add_argument("--year", type=int, default=2014, help="COCO release year in the file names")
+    return p
+
+
+def main(args):
+    if problem := out_dir_problem(args.out_dir):
+        raise UserError(problem)
+    make_synthetic_coco(args.out_dir, args.n_train, args.n_val, args.seed, args.year)
+    log.info("synthetic COCO tree in %s; build with: python Dataset.py --coco_dir %s --out_dir DATA%s",
+             args.out_dir, args.out_dir, "" if args.year == 2014 else f" --year {args.year}")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        main(get_args_parser().parse_args())
+    except UserError as e:
+        log.error("%s", e)
+        sys.exit(2)

@@ -6,16 +6,14 @@ running a model again.
 """
 import contextlib
 import io
-import json
 import math
-import os
-import warnings
 
 import numpy as np
 import torch
 from torch import nn
 
-from Dataset import CLASS_NAMES, COCO_IDS, IMAGE_SIZE, draw_box
+from Dataset import CLASS_NAMES, COCO_IDS, IMAGE_SIZE, draw_box, pyplot, save_figure
+from devices import accumulator_dtype, autocast
 
 GREEN, RED = (0, 255, 0), (255, 0, 0)  # RGB: ground truth, prediction
 
@@ -24,18 +22,16 @@ GREEN, RED = (0, 255, 0), (255, 0, 0)  # RGB: ground truth, prediction
 # Boxes, metric and loss
 # ---------------------------------------------------------------------------------
 def order_boxes(b):
-    """Make each coordinate pair ordered: x1, x2 = min, max of the two; the same for y.
-    The box head is unconstrained and CIoU is defined only for x1 < x2, y1 < y2; fed raw
-    outputs, CIoU training drifts into inverted boxes. min/max are differentiable."""
+    """Each coordinate pair ordered (min, max): CIoU is defined only for x1 < x2, y1 < y2,
+    and fed the head's raw output, training drifts into inverted boxes."""
     x_a, y_a, x_b, y_b = b.unbind(-1)
     return torch.stack([torch.minimum(x_a, x_b), torch.minimum(y_a, y_b),
                         torch.maximum(x_a, x_b), torch.maximum(y_a, y_b)], dim=-1)
 
 
 def box_iou_per_image(pred, target):
-    """IoU of each predicted box with its ground truth, Tensor[N]. The prediction is
-    clipped to the image [0, 1]; an inverted box (x2 < x1 or y2 < y1) has zero area and
-    so IoU 0. Vectorised: no per-sample loop, no host sync."""
+    """IoU of each predicted box, clipped to the image, with its ground truth, Tensor[N];
+    an inverted box has zero area and so IoU 0."""
     pred = pred.clamp(0.0, 1.0)
     pw = (pred[:, 2] - pred[:, 0]).clamp(min=0)
     ph = (pred[:, 3] - pred[:, 1]).clamp(min=0)
@@ -54,13 +50,9 @@ def inverted_fraction(pred):
 
 
 def aspect_angle(w, h):
-    """CIoU's aspect-ratio angle atan(w / h), written as atan2 so that it and its gradient
-    stay finite where atan(w / h) is not. At h = 0 (a bfloat16 box head ties y1 and y2
-    often) w / h is infinite and its gradient NaN; atan2 gives the limit, ±pi/2, and the
-    gradient -1/w. A box with no extent (w^2 + h^2 below the dtype's smallest normal
-    number: a point) has no aspect ratio and is given a square's, pi/4, with no gradient
-    from this term. atan(w / h) = atan2(w * s, h * s) with s the sign of h, so raw,
-    inverted boxes (h < 0) keep atan(w / h)'s value too."""
+    """CIoU's angle atan(w / h) as atan2, finite with its gradient at h = 0 (bfloat16 ties
+    y1 and y2 often); a point gets a square's angle and no gradient. The sign of h is
+    carried so that inverted raw boxes keep atan(w / h)'s value."""
     sign = 1 - 2 * (h < 0).to(h.dtype)
     a, b = w * sign, h * sign
     point = a * a + b * b < torch.finfo(a.dtype).tiny
@@ -68,16 +60,10 @@ def aspect_angle(w, h):
 
 
 def complete_box_iou_loss(pred, target, reduction="mean", eps=1e-7):
-    """Complete-IoU loss (Zheng et al. 2020): torchvision.ops.complete_box_iou_loss's terms
-    in its order, with its value on boxes of positive width and height (a test compares
-    the two), and two changes:
-    - the aspect-ratio angle is aspect_angle(w, h) instead of atan(w / h), so the loss and
-      its gradient stay finite for every box the head can produce: zero width or height,
-      a point, boxes outside the image or equal to the target;
-    - the intersection is clamped instead of masked: a boolean-mask assignment waits for
-      the GPU on every call.
-    Computed in float32 at least (bfloat16 input is upcast: its spacing would round the
-    small terms away); pred and target are [N, 4] boxes [x1, y1, x2, y2]."""
+    """Complete-IoU loss (Zheng et al. 2020), torchvision's complete_box_iou_loss term for
+    term, with aspect_angle (finite for every box the head can produce) and a clamped
+    intersection (a boolean-mask assignment waits for the GPU). At least float32: the
+    small terms round away in bfloat16."""
     dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
     x1, y1, x2, y2 = pred.to(dtype).unbind(-1)
     x1g, y1g, x2g, y2g = target.to(dtype).unbind(-1)
@@ -126,60 +112,21 @@ def confusion_matrix(labels, preds, n_classes=len(CLASS_NAMES)):
 # ---------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------
-def autocast(device, amp):
-    """bfloat16 autocast on device when amp, else nothing: torch.autocast itself, even
-    disabled, refuses a device type its torch build cannot autocast (MPS before torch 2.5)."""
-    if not amp:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-
-
-def autocast_problem(device):
-    """Why bfloat16 autocast does not work on device, or None when it does. Apple MPS has it
-    from torch 2.6 on macOS 14 or newer; older builds raise, or warn and run in float32."""
-    device_type = torch.device(device).type
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            with torch.autocast(device_type, dtype=torch.bfloat16):
-                enabled = torch.is_autocast_enabled(device_type)
-        except (RuntimeError, ValueError) as e:
-            return f"bfloat16 autocast is not available on {device_type} with torch {torch.__version__} ({e})"
-    if not enabled:
-        why = f" ({caught[0].message})" if caught else ""
-        return (f"bfloat16 autocast is disabled on {device_type} with torch {torch.__version__}{why}"
-                + ("; MPS needs torch 2.6 or newer and macOS 14 or newer" if device_type == "mps" else ""))
-    return None
-
-
-def accumulator_dtype(device):
-    """The dtype of running sums on a device: float64 where the device has it, so that a
-    split's means (and the selection score made of them) do not depend on the order of the
-    batches; float32 on Apple MPS, which has no float64."""
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64
-
-
 def evaluation(model, loader, criterion_cls, criterion_box, device, order=True, amp=False):
-    """Run model over a whole split under torch.no_grad() in eval mode.
-
-    Returns (confusion matrix [3, 3], results) where results holds cross_entropy,
-    box_loss, accuracy, mean_iou and inverted_fraction (floats; each a mean over
-    images, not over batches) and predictions: per-image CPU tensors label, pred_label,
-    scores (the softmax of the class logits), box, pred_box and iou. With order=True (the default, as training) the box head's
-    output goes through order_boxes before the box loss, the metric and the figures;
-    order=False passes the raw output, as the report's code did. inverted_fraction is
-    measured on the raw output. Both criteria must use reduction='mean' (each batch's
-    value is scaled back to a sum, so the last, short batch weighs what it holds).
-    amp runs the forward pass under bfloat16 autocast, as training with --amp does.
-    """
+    """The model over a whole split, in eval mode under torch.no_grad(). Returns
+    (confusion matrix [3, 3], results): cross_entropy, box_loss, accuracy, mean_iou and
+    inverted_fraction (of the raw boxes), each a mean over images (the criteria's batch
+    means are weighted by the batch's size), n_images, and predictions: per-image CPU
+    tensors label, pred_label, scores (softmax), box, pred_box (ordered unless order is
+    False, as the report's code) and iou."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, device=device, dtype=accumulator_dtype(device))  # ce, box loss, inverted
     parts = {k: [] for k in ("label", "pred_label", "scores", "box", "pred_box", "iou")}
     n = 0
-    # Channels-last input: oneDNN's convolutions run the forward pass about 20% faster on
-    # the CPU; the results differ from contiguous input only by float rounding.
+    # Channels-last input: oneDNN's convolutions run faster on the CPU (same results up to
+    # float rounding); MPS has no channels-last kernels for all of them.
     memory_format = torch.contiguous_format if device.type == "mps" else torch.channels_last
     with torch.no_grad():
         for batch in loader:
@@ -201,10 +148,8 @@ def evaluation(model, loader, criterion_cls, criterion_box, device, order=True, 
             parts["iou"].append(box_iou_per_image(pred_box, boxes))
             n += bs
     model.train(was_training)
-    if n == 0:
-        raise ValueError("evaluation: the loader yielded no images")
     preds = {k: torch.cat(v).cpu() for k, v in parts.items()}  # one device->host copy
-    sums = (sums / n).cpu().tolist()
+    sums = (sums / n).tolist()
     cm = confusion_matrix(preds["label"], preds["pred_label"])
     results = {
         "cross_entropy": sums[0],
@@ -222,11 +167,9 @@ def evaluation(model, loader, criterion_cls, criterion_box, device, order=True, 
 # Predictions on disk, and COCO's detection metrics
 # ---------------------------------------------------------------------------------
 def prediction_records(files, records, predictions):
-    """One JSON-ready record per image of a split: {"file_name", "image_id", "label",
-    "pred_label", "scores": [p_bus, p_cat, p_pizza], "box", "pred_box", "iou"}, boxes
-    [x1, y1, x2, y2] in the 256x256 image's pixels, pred_box as the metric takes it
-    (ordered, not clipped). Float32 values are written exactly (x 256 is exact), so the
-    figures drawn from these records again are the same figures."""
+    """A JSON-ready record per image: {"file_name", "image_id", "label", "pred_label",
+    "scores", "box", "pred_box", "iou"}, boxes in the 256x256 image's pixels (x 256 is
+    exact in float32, so figures drawn from the records again are the same figures)."""
     columns = {k: predictions[k].tolist() for k in ("label", "pred_label", "scores", "iou")}
     boxes = {k: (predictions[k] * IMAGE_SIZE).tolist() for k in ("box", "pred_box")}
     return [{"file_name": f, "image_id": records[f]["image_id"], "label": columns["label"][i],
@@ -247,11 +190,9 @@ def predictions_from_records(prediction_list):
 
 
 def coco_results(prediction_list, records):
-    """The predictions in COCO's results format, the list pycocotools' COCO.loadRes takes:
-    {"image_id", "category_id" (the predicted class's COCO id), "bbox": [x, y, w, h] in the
-    original COCO image's pixels (the resize to 256x256 undone), "score" (the predicted
-    class's probability)}. The box is clipped to the image, as the IoU metric clips it.
-    records: a split's records with the original geometry (Dataset.has_coco_geometry)."""
+    """The predictions in COCO's results format (COCO.loadRes): {"image_id", "category_id",
+    "bbox": [x, y, w, h] clipped to the image, in the original image's pixels, "score":
+    the predicted class's probability}."""
     out = []
     for r in prediction_list:
         rec = records[r["file_name"]]
@@ -306,24 +247,10 @@ def coco_metrics(gt, results):
 # ---------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, out_path, dpi=100):
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp.png"
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, out_path)
-
-
 def plot_cm(cm, out_path, loss_name, split, accuracy, mean_iou):
     """Report Figs. 14 and 17: confusion-matrix heatmap with accuracy and mean IoU."""
     import seaborn as sns
-    plt = _pyplot()
+    plt = pyplot()
     cm = np.asarray(cm)
     fig, ax = plt.subplots(figsize=(5.6, 4.8))
     sns.heatmap(cm, annot=True, fmt="d", cmap="Blues", cbar=True, square=True, ax=ax,
@@ -333,8 +260,7 @@ def plot_cm(cm, out_path, loss_name, split, accuracy, mean_iou):
     ax.set_title(f"HW5Net, {loss_name} loss, {split} data\n"
                  f"accuracy {100 * accuracy:.1f}%, mean IoU {mean_iou:.3f}", fontsize=11)
     fig.tight_layout()
-    _save(fig, out_path)
-    plt.close(fig)
+    save_figure(fig, out_path)
 
 
 def select_per_class(labels, per_class=5, seed=0):
@@ -355,7 +281,7 @@ def display_preds(images, predictions, out_path, title, per_class=5, seed=0):
 
     images: uint8 [N, 3, 256, 256] (e.g. MyCOCODataset.images); predictions: the
     per-image tensors of evaluation()."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = select_per_class(predictions["label"], per_class, seed)
     fig, axes = plt.subplots(len(CLASS_NAMES), per_class,
                              figsize=(2.7 * per_class, 3.2 * len(CLASS_NAMES)), squeeze=False)
@@ -378,14 +304,13 @@ def display_preds(images, predictions, out_path, title, per_class=5, seed=0):
                          fontsize=9)
     fig.suptitle(title, fontsize=12)
     fig.tight_layout()
-    _save(fig, out_path)
-    plt.close(fig)
+    save_figure(fig, out_path)
 
 
 def plot_history(history, out_path, loss_name=""):
     """Report Fig. 20: cross-entropy, box loss, accuracy and mean IoU per epoch, train
     and test. history = {"train": {metric: [per epoch]}, "test": {...}}."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
     metrics = (("cross_entropy", "cross-entropy"), ("box_loss", f"{loss_name} box loss".strip()),
                ("accuracy", "accuracy"), ("mean_iou", "mean IoU"))
@@ -402,36 +327,4 @@ def plot_history(history, out_path, loss_name=""):
         ax.legend()
     fig.suptitle(f"Training curves{', ' + loss_name + ' model' if loss_name else ''}", fontsize=12)
     fig.tight_layout()
-    _save(fig, out_path)
-    plt.close(fig)
-
-
-def out_dir_problem(path, option="--out_dir"):
-    """A one-line reason why path cannot be an output folder (it, or a folder above it, is
-    a file), or None."""
-    p = os.path.abspath(path)
-    if os.path.islink(p) and not os.path.exists(p):
-        return f"{option} {path} is a link to {os.readlink(p)}, which does not exist"
-    while True:
-        if os.path.exists(p):
-            if os.path.isdir(p):
-                return None
-            what = f"{option} {path}" if p == os.path.abspath(path) else f"{option} {path}: {p}"
-            return f"{what} is a file, not a folder: give {option} a folder's path"
-        parent = os.path.dirname(p)
-        if parent == p:
-            return None
-        p = parent
-
-
-def write_text(text, path):
-    """Write text under a temporary name, then rename (no half-written file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_json(obj, path):
-    write_text(json.dumps(obj, indent=2), path)
+    save_figure(fig, out_path)

@@ -49,8 +49,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference  # noqa: E402
 from Dataset import MyCOCODataset, build_dataset  # noqa: E402
 from network import HW5Net  # noqa: E402
-from train import DeviceBatches, get_args_parser as train_args, make_criteria, make_optimizer  # noqa: E402
-from train import pick_device, reuse_freed_memory, seed_everything, train_one_epoch  # noqa: E402
+from checkpoints import checkpoint_state, save  # noqa: E402
+from devices import DeviceBatches, pick_device, reuse_freed_memory  # noqa: E402
+from train import make_criteria, make_optimizer, seed_everything, train_one_epoch  # noqa: E402
 from utils import evaluation, order_boxes  # noqa: E402
 
 
@@ -129,9 +130,9 @@ def child_train(kind, data_dir, device, repeats, amp):
         train_set = MyCOCODataset(data_dir, train=True)
         out["decode_once_s"] = time.perf_counter() - t0
         model = new_model(device)
-        opt = make_optimizer(model, train_args(False).parse_args([]), device)
+        opt = make_optimizer(model, 1e-3, (0.9, 0.99))
         cls, box, _ = make_criteria("ciou")
-        data = DeviceBatches(train_set, 16, device, shuffle=True, generator=torch.Generator().manual_seed(0))
+        data = DeviceBatches(train_set, 16, device, generator=torch.Generator().manual_seed(0))
         run = lambda: train_one_epoch(model, data, opt, cls, box, device, 0,  # noqa: E731
                                       single_backward=kind.startswith("single"), amp=amp, progress=False)
     med, times = timed(run, device, repeats)
@@ -245,7 +246,7 @@ def bench_feed(data_dir, device, repeats):
     gen = torch.Generator().manual_seed(0)
     old = torch.utils.data.DataLoader(train_set, batch_size=16, shuffle=True, generator=gen,
                                       pin_memory=device.type == "cuda")
-    new = DeviceBatches(train_set, 16, device, shuffle=True, generator=gen)
+    new = DeviceBatches(train_set, 16, device, generator=gen)
 
     def epoch(batches, move):
         for batch in batches:
@@ -258,18 +259,16 @@ def bench_feed(data_dir, device, repeats):
         med, _ = timed(lambda: epoch(batches, move), device, repeats)  # noqa: B023
         res[name] = {"seconds_per_batch": med / len(batches)}
     model = new_model(device)
-    opt = make_optimizer(model, train_args(False).parse_args([]), device)
+    opt = make_optimizer(model, 1e-3, (0.9, 0.99))
     one_step = next(iter(new))
     logits, box = model(one_step["image"])
     (logits.sum() + box.sum()).backward()
     opt.step()  # Adam's moments exist
-    from train import checkpoint_state, save_atomic
-    for name, obj in (("checkpoint.pt", lambda: checkpoint_state(model, opt, 1, {}, gen, device,
-                                                                 argparse.Namespace())),
+    for name, obj in (("checkpoint.pt", lambda: checkpoint_state(model, opt, 1, {}, gen, device, {})),
                       ("best_model.pt", model.state_dict)):
         path = os.path.join(data_dir, name)
         t0 = time.perf_counter()
-        save_atomic(obj(), path)
+        save(obj(), path)
         res[name] = {"seconds": time.perf_counter() - t0, "bytes": os.path.getsize(path)}
         os.remove(path)
     return res

@@ -33,16 +33,7 @@ import network  # noqa: E402
 
 
 def printed_layers(net):
-    """HW5Net with its heads' layers as the report printed them, plain nn.Linear
-    (network.Linear computes the same product in another orientation on the CPU). The
-    parameters are the same tensors, so both loops start from the same weights."""
-    for module in list(net.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, network.Linear):
-                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                  device="meta")
-                plain.weight, plain.bias = child.weight, child.bias
-                setattr(module, name, plain)
+    """HW5Net as the report printed it (its layers are the printed ones already)."""
     return net
 
 

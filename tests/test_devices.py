@@ -11,10 +11,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import checkpoints
+import devices
 import train
 import utils
 from network import HW5Net
-from train import TrainingError
+from files import UserError
 from tiny import TinyNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,29 +35,29 @@ def no_gpu(monkeypatch):
 
 def test_a_gpu_torch_cannot_use_is_said_loudly_and_cuda_fails_with_the_fix(no_gpu, monkeypatch, caplog):
     """An A100 node whose driver is older than the CUDA that pip's torch was built for."""
-    monkeypatch.setattr(train, "nvidia_driver_info", lambda: ("535.104.05", "12.2"))
-    with caplog.at_level(logging.WARNING, logger="train"):
-        assert train.pick_device("auto") == CPU
+    monkeypatch.setattr(devices, "nvidia_driver_info", lambda: ("535.104.05", "12.2"))
+    with caplog.at_level(logging.WARNING, logger="devices"):
+        assert devices.pick_device("auto") == CPU
     [record] = caplog.records
     assert record.levelno == logging.WARNING and "\n" not in record.getMessage()
     assert "TRAINING ON THE CPU" in record.getMessage() and "driver 535.104.05" in record.getMessage()
     assert "CUDA up to 12.2" in record.getMessage() and "pip install torch" in record.getMessage()
-    with pytest.raises(TrainingError, match=r"--device cuda: this machine has an NVIDIA GPU .*cannot use it: install"):
-        train.pick_device("cuda")
+    with pytest.raises(UserError, match=r"--device cuda: this machine has an NVIDIA GPU .*cannot use it: install"):
+        devices.pick_device("cuda")
 
 
 def test_devices_that_cannot_be_used_fail_with_one_line(no_gpu, monkeypatch, caplog):
-    monkeypatch.setattr(train, "nvidia_driver_info", lambda: None)
-    with caplog.at_level(logging.WARNING, logger="train"):
-        assert train.pick_device("auto") == CPU
+    monkeypatch.setattr(devices, "nvidia_driver_info", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="devices"):
+        assert devices.pick_device("auto") == CPU
     assert caplog.records == []  # no NVIDIA GPU: the CPU is what the machine has
-    assert train.pick_device("cpu") == CPU
-    with pytest.raises(TrainingError, match="--device cuda: torch .* sees no CUDA GPU"):
-        train.pick_device("cuda")
-    with pytest.raises(TrainingError, match="--device mps: Apple MPS is not available"):
-        train.pick_device("mps")
-    with pytest.raises(TrainingError, match="--device gpu: not a device; expected auto, cpu"):
-        train.pick_device("gpu")
+    assert devices.pick_device("cpu") == CPU
+    with pytest.raises(UserError, match="--device cuda: torch .* sees no CUDA GPU"):
+        devices.pick_device("cuda")
+    with pytest.raises(UserError, match="--device mps: Apple MPS is not available"):
+        devices.pick_device("mps")
+    with pytest.raises(UserError, match="--device gpu: not a device; expected auto, cpu"):
+        devices.pick_device("gpu")
 
 
 def test_nvidia_driver_info_reads_nvidia_smi_else_the_kernel_module(tmp_path):
@@ -65,9 +67,9 @@ def test_nvidia_driver_info_reads_nvidia_smi_else_the_kernel_module(tmp_path):
     proc = tmp_path / "version"
     proc.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n")
     missing = str(tmp_path / "absent")
-    assert train.nvidia_driver_info(str(proc), str(smi)) == ("550.54.15", "12.4")
-    assert train.nvidia_driver_info(str(proc), missing) == ("535.104.05", None)
-    assert train.nvidia_driver_info(missing, missing) is None
+    assert devices.nvidia_driver_info(str(proc), str(smi)) == ("550.54.15", "12.4")
+    assert devices.nvidia_driver_info(str(proc), missing) == ("535.104.05", None)
+    assert devices.nvidia_driver_info(missing, missing) is None
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="MPS may exist on a Mac")
@@ -99,8 +101,8 @@ def write_checkpoint(path, fused=True):
     one_step(model, opt)
     generator = torch.Generator().manual_seed(5)
     torch.randperm(10, generator=generator)
-    train.save_atomic(train.checkpoint_state(model, opt, 1, {"best_epoch": 1}, generator, CPU,
-                                             argparse.Namespace(seed=0)), str(path))
+    checkpoints.save(checkpoints.checkpoint_state(model, opt, 1, {"best_epoch": 1}, generator, CPU,
+                                                       {"seed": 0}), str(path))
     return model, opt, generator
 
 
@@ -118,7 +120,8 @@ def test_resume_loads_onto_the_cpu_and_moves_adam_to_the_parameters_device(tmp_p
     model = TinyNet().to(meta)
     resumed_opt = torch.optim.Adam(model.parameters(), lr=0.01, foreach=False)
     resumed_gen = torch.Generator()
-    ckpt = train.resume_from(str(path), model, resumed_opt, resumed_gen, meta)
+    ckpt = checkpoints.load_checkpoint(str(path))
+    checkpoints.restore(ckpt, str(path), model, resumed_opt, resumed_gen, meta)
     assert ckpt["epoch"] == 1 and ckpt["history"] == {"best_epoch": 1}
     assert torch.equal(torch.get_rng_state(), cpu_rng)
     assert torch.equal(resumed_gen.get_state(), generator.get_state())
@@ -139,7 +142,8 @@ def test_a_checkpoint_resumes_with_another_adam_implementation(tmp_path, fused_b
     one_step(model, opt)  # the step the writer takes next
     resumed = TinyNet()
     resumed_opt = torch.optim.Adam(resumed.parameters(), lr=0.01, fused=fused_after)
-    train.resume_from(str(path), resumed, resumed_opt, torch.Generator(), CPU)
+    checkpoints.restore(checkpoints.load_checkpoint(str(path)), str(path), resumed, resumed_opt,
+                        torch.Generator(), CPU)
     torch.manual_seed(1)
     one_step(resumed, resumed_opt)
     for p, q in zip(model.parameters(), resumed.parameters()):
@@ -159,12 +163,12 @@ def test_the_training_devices_generator_is_saved_and_restored(kind, monkeypatch)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     device = torch.device(kind)
     generator = torch.Generator().manual_seed(0)
-    state = train.rng_state(generator, device)
+    state = checkpoints.rng_state(generator, device)
     assert state[kind].device == CPU and torch.equal(state[kind], torch.arange(8, dtype=torch.uint8))
-    train.set_rng_state(state, generator, device)
+    checkpoints.set_rng_state(state, generator, device)
     assert torch.equal(restored["state"], state[kind])
     restored.clear()
-    train.set_rng_state(train.rng_state(generator, CPU), generator, device)  # written on a CPU
+    checkpoints.set_rng_state(checkpoints.rng_state(generator, CPU), generator, device)  # written on a CPU
     assert restored == {}
 
 
@@ -186,8 +190,8 @@ def test_training_and_evaluation_make_no_float64_tensor_with_mps_sums(monkeypatc
     """With the accumulator dtype MPS gets, one training epoch and one evaluation of HW5Net
     (at 64x64: the same layers) make no float64 tensor at all, and their means agree with
     the float64 sums the CPU keeps."""
-    assert utils.accumulator_dtype("mps") == torch.float32
-    assert utils.accumulator_dtype("cpu") == utils.accumulator_dtype("cuda") == torch.float64
+    assert devices.accumulator_dtype("mps") == torch.float32
+    assert devices.accumulator_dtype("cpu") == devices.accumulator_dtype("cuda") == torch.float64
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(8, 2, generator=g) * 0.5
     items = [{"image": torch.rand(3, 64, 64, generator=g), "label": torch.tensor(i % 3),
@@ -198,14 +202,14 @@ def test_training_and_evaluation_make_no_float64_tensor_with_mps_sums(monkeypatc
     def run():
         torch.manual_seed(0)
         model = HW5Net(image_size=64)
-        opt = train.make_optimizer(model, train.get_args_parser(add_help=False).parse_args([]), CPU)
+        opt = train.make_optimizer(model, 1e-3, (0.9, 0.99))
         res = train.train_one_epoch(model, data, opt, criterion_cls, criterion_box, CPU, 1,
                                     progress=False)
         _, ev = utils.evaluation(model, data, criterion_cls, criterion_box, CPU)
         return res, ev
 
     expected = run()
-    mps_dtype = utils.accumulator_dtype("mps")
+    mps_dtype = devices.accumulator_dtype("mps")
     as_on_mps = lambda device: mps_dtype  # noqa: E731
     monkeypatch.setattr(train, "accumulator_dtype", as_on_mps)
     monkeypatch.setattr(utils, "accumulator_dtype", as_on_mps)
@@ -260,12 +264,12 @@ def test_amp_trains_on_the_cpu(small_data, tmp_path):
 def test_a_gpu_hidden_by_cuda_visible_devices_or_unusable_for_another_reason_is_named(no_gpu, monkeypatch):
     """The fix named is the one that applies: not a reinstall when CUDA_VISIBLE_DEVICES hides
     the GPU, nor when the driver supports torch's CUDA version."""
-    monkeypatch.setattr(train, "nvidia_driver_info", lambda: ("580.65.06", "13.0"))
+    monkeypatch.setattr(devices, "nvidia_driver_info", lambda: ("580.65.06", "13.0"))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert "CUDA_VISIBLE_DEVICES='' hides it" in train.unusable_gpu_message()
+    assert "CUDA_VISIBLE_DEVICES='' hides it" in devices.unusable_gpu_message()
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setattr(torch.version, "cuda", "12.8")
-    message = train.unusable_gpu_message()
+    message = devices.unusable_gpu_message()
     assert "which that driver supports, yet torch cannot use it" in message and "pip install" not in message
     monkeypatch.setattr(torch.version, "cuda", "13.2")
-    assert "pip install torch" in train.unusable_gpu_message()
+    assert "pip install torch" in devices.unusable_gpu_message()

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import hw5_main
-from train import TrainingError, pick_device
+import results
+from devices import pick_device
+from files import UserError
 
 FIGURES = [f"{model}_{split}_{kind}.png" for model in ("ciou", "mse")
            for split in ("train", "test") for kind in ("cm", "preds")] + ["ciou_curves.png",
@@ -111,20 +113,39 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
         logits = logits.cpu()
     assert (logits.argmax(1) == test_set.labels).double().mean().item() == pytest.approx(ciou_test["accuracy"])
 
+    # The TA's check: the numbers recomputed from the predictions and by evaluating the models
+    # again agree with results.json, and nothing in OUT is written; a changed number is found.
+    def tree():
+        return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+                for d, _, files in os.walk(out) for f in files}
+    before = tree()
+    assert hw5_main.main(parse("--out_dir", out, "--check", "--device", "cpu")) == []
+    assert tree() == before
+    results_path = os.path.join(out, "results.json")
+    with open(results_path) as f:
+        original = f.read()
+    tampered = json.loads(original)
+    tampered["mse"]["test"]["accuracy"] += 0.01
+    tampered["ciou"]["train"]["confusion_matrix"][0][0] += 1
+    with open(results_path, "w") as f:
+        json.dump(tampered, f)
+    problems = hw5_main.main(parse("--out_dir", out, "--check", "--device", "cpu"))
+    assert len(problems) == 3  # the matrix; the accuracy from the predictions and evaluated again
+    assert any("MSE test: accuracy" in p for p in problems)
+    assert any("CIoU train: confusion_matrix" in p for p in problems)
+    with open(results_path, "w") as f:
+        f.write(original)
+
     # A second run into the same OUT is refused before any work; so is going on with its
     # data drawn otherwise, or with a --seeds run into it.
-    with pytest.raises(TrainingError, match="already holds a run; pass --resume"):
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
         hw5_main.main(parse("--demo", "--out_dir", out, "--n_train", "24", "--quiet"))
-    with pytest.raises(TrainingError, match="was drawn with --n_train 24 .now 30.; give the same options"):
+    with pytest.raises(UserError, match="was drawn with --n_train 24 .now 30.; give the same options"):
         hw5_main.main(parse("--demo", "--out_dir", out, "--n_train", "30", "--n_val", "12", "--epochs", "1",
                             "--batch_size", "4", "--quiet", "--resume"))
-    with pytest.raises(TrainingError, match="holds a single run"):
+    with pytest.raises(UserError, match="holds a single run"):
         hw5_main.main(parse("--out_dir", out, "--seeds", "0", "1", "--resume", *TINY_DEMO))
     assert "- n_val (images held out of training for validation, --val_fraction): 0" in md
-    os.remove(os.path.join(out, "demo_data.json"))  # an OUT made before it: the tree's counts
-    with pytest.raises(TrainingError, match="was drawn with --n_train 24 .now 30."):
-        hw5_main.main(parse("--demo", "--out_dir", out, "--n_train", "30", "--n_val", "12", "--epochs", "1",
-                            "--batch_size", "4", "--quiet", "--resume"))
     assert "- n_synthetic_val (synthetic val2014 images drawn, --n_val): 12" in md
 
     # Interrupted after the CIoU model: --resume evaluates the finished CIoU model without
@@ -148,10 +169,10 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
     os.remove(os.path.join(moved, "ciou_test_preds.png"))
     hw5_main.main(parse("--out_dir", moved, "--redraw"))
     assert (cv2.imread(os.path.join(moved, "ciou_test_preds.png")) == first).all()
-    with pytest.raises(TrainingError, match="no such directory"):
+    with pytest.raises(UserError, match="no such directory"):
         hw5_main.main(parse("--out_dir", str(tmp_path / "nowhere"), "--redraw"))
     shutil.rmtree(os.path.join(moved, "data"))
-    with pytest.raises(TrainingError, match="give --data_dir DATA"):
+    with pytest.raises(UserError, match="give --data_dir DATA"):
         hw5_main.main(parse("--out_dir", moved, "--redraw"))
 
 
@@ -166,11 +187,11 @@ def test_options_resolve_to_the_report_or_the_demo():
     assert demo.n_train == hw5_main.DEMO["n_train"]
     assert parse("--demo", "--out_dir", "o", "--epochs", "2").epochs == 2
     assert parse("--data_dir", "d", "--out_dir", "o", "--single_backward").single_backward is True
-    with pytest.raises(TrainingError, match="one of the two"):
+    with pytest.raises(UserError, match="one of the two"):
         parse("--out_dir", "o")
-    with pytest.raises(TrainingError, match="one of the two"):
+    with pytest.raises(UserError, match="one of the two"):
         parse("--demo", "--data_dir", "d", "--out_dir", "o")
-    with pytest.raises(TrainingError, match="--n_train applies to --demo only"):
+    with pytest.raises(UserError, match="--n_train applies to --demo only"):
         parse("--data_dir", "d", "--out_dir", "o", "--n_train", "5")
 
 
@@ -179,7 +200,7 @@ def test_options_that_cannot_train_stop_before_the_demo_draws_its_data(tmp_path)
                            (["--batch_size", "1"], "--batch_size 1: BatchNorm needs at least 2"),
                            (["--warmup_epochs", "9"], "--warmup_epochs must lie")):
         out = tmp_path / "demo"
-        with pytest.raises(TrainingError, match=message):
+        with pytest.raises(UserError, match=message):
             hw5_main.main(parse(*TINY_DEMO, "--out_dir", str(out), *extra))
         assert not out.exists()
 
@@ -230,7 +251,7 @@ def test_seeds_run_the_experiment_per_seed_and_aggregate_their_spread(tmp_path):
 
     # Each seed resumes like a single run: a seed whose MSE model was lost is completed.
     shutil.rmtree(os.path.join(out, "seed1", "mse"))
-    with pytest.raises(TrainingError, match="already holds a run"):
+    with pytest.raises(UserError, match="already holds a run"):
         hw5_main.main(parse("--out_dir", out, "--seeds", "0", "1", *TINY_DEMO))
     resumed = hw5_main.main(parse("--out_dir", out, "--seeds", "0", "1", "--resume", *TINY_DEMO))
     assert resumed["aggregate"] == saved["aggregate"]
@@ -238,7 +259,7 @@ def test_seeds_run_the_experiment_per_seed_and_aggregate_their_spread(tmp_path):
     # The aggregate is never overwritten by a single run, nor made over some seeds only.
     for seeds, message in ((["--seeds", "0"], "give --seeds all of them"), ([], "holds a --seeds run .seeds 0 1."),
                            (["--seeds", "1", "2"], "give --seeds all of them")):
-        with pytest.raises(TrainingError, match=message):
+        with pytest.raises(UserError, match=message):
             hw5_main.main(parse("--out_dir", out, *seeds, "--resume", *TINY_DEMO))
     # A --seeds run stopped with only its first seed done goes on as a --seeds run.
     shutil.rmtree(os.path.join(out, "seed1"))
@@ -256,67 +277,43 @@ def test_one_seed_is_a_plain_run_and_seed_with_seeds_is_refused(tmp_path):
     for model in ("ciou", "mse"):
         for split in ("train", "test"):
             assert one[model][split] == plain[model][split]
-    with pytest.raises(TrainingError, match="--seed or --seeds, not both"):
+    with pytest.raises(UserError, match="--seed or --seeds, not both"):
         parse("--out_dir", "o", "--demo", "--seed", "1", "--seeds", "1", "2")
-    with pytest.raises(TrainingError, match="each seed once"):
+    with pytest.raises(UserError, match="each seed once"):
         parse("--out_dir", "o", "--demo", "--seeds", "1", "1")
     assert parse("--out_dir", "o", "--demo").seed == 0
 
 
 def test_spread_of_numbers_nested_and_missing():
-    assert hw5_main.spread([1.0, 2.0, 4.0]) == pytest.approx(
+    assert results.spread([1.0, 2.0, 4.0]) == pytest.approx(
         {"mean": 7 / 3, "std": (((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2) ** 0.5,
          "min": 1.0, "max": 4.0})
-    got = hw5_main.aggregate_numbers([{"a": 1, "m": [[1]], "c": {"AP": 0.5, "bus": None}},
+    got = results.aggregate_numbers([{"a": 1, "m": [[1]], "c": {"AP": 0.5, "bus": None}},
                                       {"a": 3, "m": [[2]], "c": {"AP": 0.7, "bus": None}}])
     assert got["a"]["mean"] == 2 and got["a"]["std"] == pytest.approx(2 ** 0.5)
     assert "m" not in got and got["c"]["AP"]["max"] == 0.7 and got["c"]["bus"] is None
 
 
-def test_data_built_without_the_original_geometry_is_said_and_skips_coco_outputs(tmp_path, caplog):
-    import logging
-    import pickle
-    from synthetic_coco import make_synthetic_coco
-    from Dataset import build_dataset
-    make_synthetic_coco(str(tmp_path / "coco"), n_train=24, n_val=12, seed=2)
-    data = str(tmp_path / "data")
-    build_dataset(str(tmp_path / "coco"), data, workers=1, progress=False, figure=False)
-    for split in ("train_data", "test_data"):  # as an older Dataset.py wrote them
-        path = os.path.join(data, f"{split}.pkl")
-        with open(path, "rb") as f:
-            records = pickle.load(f)
-        for r in records.values():
-            del r["width"], r["height"], r["coco_bbox"]
-        with open(path, "wb") as f:
-            pickle.dump(records, f)
-    out = str(tmp_path / "out")
-    with caplog.at_level(logging.WARNING, logger="hw5_main"):
-        results = hw5_main.main(parse("--data_dir", data, "--out_dir", out, *TINY_TRAINING))
-    assert [r.getMessage() for r in caplog.records if "older Dataset.py" in r.getMessage()]
-    assert results["ciou"]["test"]["coco"] is None
-    assert sorted(os.listdir(os.path.join(out, "mse"))) == ["best_model.pt", "history.json",
-                                                           "predictions_test.json", "predictions_train.json"]
-
-
 def test_an_out_dir_that_is_a_file_stops_every_script_with_one_line(tmp_path):
     import Dataset
     import predict
+    import synthetic_coco
     import train
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
     message = "afile is a file, not a folder"
-    with pytest.raises(TrainingError, match=message):
+    with pytest.raises(UserError, match=message):
         hw5_main.main(parse("--out_dir", str(afile), *TINY_DEMO))
-    with pytest.raises(TrainingError, match=message):  # a folder below a file
+    with pytest.raises(UserError, match=message):  # a folder below a file
         hw5_main.main(parse("--out_dir", str(afile / "run"), *TINY_DEMO))
-    with pytest.raises(TrainingError, match=message):
+    with pytest.raises(UserError, match=message):
         train.main(train.get_args_parser().parse_args(["--data_dir", "DATA", "--out_dir", str(afile)]))
-    with pytest.raises(Dataset.DatasetError, match=message):
-        Dataset.main(Dataset.get_args_parser().parse_args(["--make_synthetic", str(afile)]))
+    with pytest.raises(UserError, match=message):
+        synthetic_coco.main(synthetic_coco.get_args_parser().parse_args(["--out_dir", str(afile)]))
     with pytest.raises(Dataset.DatasetError, match=message):
         Dataset.main(Dataset.get_args_parser().parse_args(["--coco_dir", "COCO", "--out_dir", str(afile)]))
-    with pytest.raises(TrainingError, match=message):
+    with pytest.raises(UserError, match=message):
         predict.main(predict.get_args_parser().parse_args(["--weights", "w.pt", "--out_dir", str(afile), "x.jpg"]))
     os.symlink(tmp_path / "nowhere", tmp_path / "link")
-    with pytest.raises(TrainingError, match="link is a link to .*nowhere, which does not exist"):
+    with pytest.raises(UserError, match="link is a link to .*nowhere, which does not exist"):
         hw5_main.main(parse("--out_dir", str(tmp_path / "link"), *TINY_DEMO))

@@ -12,7 +12,7 @@ import torch
 import predict
 from Dataset import CLASS_NAMES, resize_image
 from network import HW5Net
-from train import TrainingError
+from files import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {"width": 2, "n_blocks": 1, "learnable_res": False}
@@ -120,7 +120,7 @@ def test_without_history_the_architecture_comes_from_the_options(tmp_path):
     records = run_predict("--weights", str(tmp_path / "bare.pt"), "--width", "4", "--n_blocks", "2",
                           "--out_dir", str(tmp_path / "pred"), str(image))
     assert len(records) == 1 and records[0]["file"] == str(image)
-    with pytest.raises(TrainingError, match="different architecture"):
+    with pytest.raises(UserError, match="different architecture"):
         run_predict("--weights", str(tmp_path / "bare.pt"), "--out_dir", str(tmp_path / "p2"), str(image))
 
 

@@ -267,7 +267,7 @@ def test_prediction_titles_stay_clear_of_the_row_above(tmp_path, monkeypatch):
             gaps.append(title.y0 - image.y1)  # display coordinates: y grows upwards
             if above:
                 gaps.append(min(a.y0 for a in above) - title.y1)
-    monkeypatch.setattr(utils, "_save", measure)
+    monkeypatch.setattr(utils, "save_figure", measure)
     utils.display_preds(images, preds, str(tmp_path / "preds.png"), "CIoU model, test data")
     assert len(gaps) == 15 + 10 and min(gaps) > 0
 

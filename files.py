@@ -1,0 +1,58 @@
+"""The files a run writes: one atomic write (a temporary name, then a rename) that every
+module uses, text and JSON on top of it, the check that a path can be an output folder,
+and the one error a user is shown."""
+import json
+import os
+
+
+class UserError(Exception):
+    """A problem the user can fix: the message names the file or option and what was
+    expected. The command-line scripts print it as one line and exit with status 2."""
+
+
+def atomic_write(path, write):
+    """Call write(tmp) to write the file under path + ".tmp", then rename it to path: a
+    reader never sees half a file, and a failed write leaves the old one in place."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(text, path):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def write_json(obj, path):
+    write_text(json.dumps(obj, indent=2), path)
+
+
+def read_json(path, what):
+    """A JSON file's contents, or a UserError naming the file and what it should be."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is missing or unreadable ({type(e).__name__}); expected {what}") from None
+
+
+def out_dir_problem(path, option="--out_dir"):
+    """Why path cannot be an output folder (it, or a folder above it, is a file; or it is a
+    broken link), in one line; None when it can."""
+    p = os.path.abspath(path)
+    if os.path.islink(p) and not os.path.exists(p):
+        return f"{option} {path} is a link to {os.readlink(p)}, which does not exist"
+    while not os.path.exists(p):
+        if os.path.dirname(p) == p:
+            return None
+        p = os.path.dirname(p)
+    if os.path.isdir(p):
+        return None
+    what = f"{option} {path}" if p == os.path.abspath(path) else f"{option} {path}: {p}"
+    return f"{what} is a file, not a folder: give {option} a folder's path"
