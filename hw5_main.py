@@ -23,8 +23,9 @@ from Dataset import build_dataset
 from devices import DeviceBatches, pick_device
 from files import UserError, out_dir_problem, read_json, write_json, write_text
 from network import count_parameters, model_summary
-from results import (MODELS, REPORT, aggregate_results, check, draw_split_figures,
-                     keep_earlier_wall_seconds, redraw, results_markdown, seeds_markdown)
+from results import (MODELS, REPORT, aggregate_results, check, compare_models, draw_comparison,
+                     draw_split_figures, keep_earlier_wall_seconds, read_predictions, redraw,
+                     results_markdown, seeds_markdown)
 from synthetic_coco import make_synthetic_coco
 from train import (add_training_args, build_model, check_training_args, load_datasets,
                    make_criteria, seed_everything, train)
@@ -124,6 +125,11 @@ def run_experiment(args, out_dir, datasets, device, t_start):
                         "train_seconds": round(sum(history["epoch_seconds"]), 1),
                         "save_seconds": round(sum(w["seconds"] for w in saves), 1),
                         "files_written": len(saves)}
+    results["comparison"] = {}
+    for split, data in (("train", train_set), ("test", test_set)):  # from the saved predictions
+        ciou, mse = (read_predictions(out_dir, key, split) for key, _ in MODELS)
+        results["comparison"][split] = compare_models(ciou, mse)
+        draw_comparison(out_dir, split, data.images, ciou, mse, args.seed)
     results["report"] = REPORT
     s = {"demo": args.demo, "device": str(device), "data_dir": os.path.abspath(args.data_dir),
          "n_train": len(train_set), "n_test": len(test_set), "n_val": len(val_set) if val_set else 0,

@@ -13,8 +13,8 @@ from Dataset import CLASS_NAMES, MyCOCODataset
 from devices import DeviceBatches
 from files import UserError, read_json
 from network import HW5Net
-from utils import (coco_ground_truth, coco_metrics, confusion_matrix, display_preds, evaluation,
-                   plot_cm, plot_history, predictions_from_records)
+from utils import (coco_ground_truth, coco_metrics, confusion_matrix, display_comparison,
+                   display_preds, evaluation, plot_cm, plot_history, predictions_from_records)
 
 log = logging.getLogger("results")
 
@@ -81,6 +81,16 @@ def baseline_line(results):
                 f"IoU {results['baseline']['mean_box_test_iou']:.3f}.", ""]
 
 
+def comparison_lines(comparison):
+    """Image by image, which model's box is the better (over seeds, the means)."""
+    def mean(v):
+        return v["mean"] if isinstance(v, dict) else v
+    return [f"Image by image on {split} ({mean(c['n_images']):.0f} images): the MSE model's box is the "
+            f"better on {mean(c['mse_better']):.1f}, the CIoU model's on {mean(c['ciou_better']):.1f}; "
+            f"mean IoU difference (MSE - CIoU) {mean(c['mean_iou_difference']):+.3f} "
+            f"(`ciou_vs_mse_{split}.png`)." for split, c in comparison.items()] + [""]
+
+
 def results_markdown(results):
     """results.md: the run's table beside the report's, the baseline and the settings."""
     s = results["settings"]
@@ -93,6 +103,7 @@ def results_markdown(results):
             lines.append(f"| {name} | {split} | {100 * ours['accuracy']:.1f}% | {ours['mean_iou']:.3f} "
                          f"| {100 * rep['accuracy']:.1f}% | {rep['mean_iou']:.2f} |")
     lines += baseline_line(results)
+    lines += comparison_lines(results["comparison"])
     lines += coco_markdown({key: {split: results[key][split]["coco"] for split in SPLITS
                                   if split in results[key]} for key, _ in MODELS})
     for key, name in MODELS:
@@ -150,6 +161,7 @@ def aggregate_results(per_seed, wall_seconds):
         aggregate[key] = {split: aggregate_numbers([run[key][split] for run in runs])
                           for split in SPLITS if split in first[key]}
         aggregate[key]["best_epoch"] = spread([run[key]["best_epoch"] for run in runs])
+    aggregate["comparison"] = aggregate_numbers([run["comparison"] for run in runs])
     settings = {k: v for k, v in first["settings"].items()
                 if k not in ("seed", "wall_seconds", "earlier_wall_seconds")}
     settings.update(seeds=seeds, wall_seconds=wall_seconds)
@@ -178,6 +190,7 @@ def seeds_markdown(results):
                          f"({100 * a['min']:.1f} to {100 * a['max']:.1f}) | {m['mean']:.3f} ± "
                          f"{m['std']:.3f} ({m['min']:.3f} to {m['max']:.3f}) | {report} |")
     lines += baseline_line(results)
+    lines += comparison_lines(agg["comparison"])
     lines += coco_markdown({key: {split: agg[key][split]["coco"] for split in SPLITS
                                   if split in agg[key]} for key, _ in MODELS})
     lines += ["## Each seed", "",
@@ -219,6 +232,23 @@ def draw_split_figures(run_dir, key, loss_name, split, images, predictions, metr
                   f"ground truth green, prediction red", seed=seed)
 
 
+def compare_models(ciou_records, mse_records):
+    """The two models image by image on one split: how often each box is the better one
+    (IoU), and the mean IoU difference, MSE - CIoU."""
+    ciou, mse = (predictions_from_records(p)["iou"].double() for p in (ciou_records, mse_records))
+    diff = mse - ciou
+    return {"n_images": len(diff), "mse_better": int((diff > 0).sum()), "ciou_better": int((diff < 0).sum()),
+            "equal": int((diff == 0).sum()), "mean_iou_difference": float(diff.mean()),
+            "mean_abs_iou_difference": float(diff.abs().mean())}
+
+
+def draw_comparison(run_dir, split, images, ciou_records, mse_records, seed):
+    display_comparison(images, predictions_from_records(ciou_records), predictions_from_records(mse_records),
+                       os.path.join(run_dir, f"ciou_vs_mse_{split}.png"),
+                       f"CIoU (red) and MSE (blue) models on the same {split} images, ground truth green",
+                       seed=seed)
+
+
 def find_data_dir(run_dir, given=None, recorded=None):
     """The dataset a run was trained on: --data_dir when given, else the one its settings
     record, else a demo's inside OUT (OUT/data, or beside the seed{k}/ folders)."""
@@ -250,17 +280,21 @@ def redraw(out_dir, data_dir=None):
     results.json, each history.json and DATA's images. No model runs. Returns the paths."""
     drawn = []
     for run_dir in run_dirs(out_dir) if os.path.isdir(out_dir) else [out_dir]:
+        records, images = {"train": {}, "test": {}}, {}
         for key, loss_name in MODELS:
             results, history, data = read_run(run_dir, key, data_dir)
-            for split in ("train", "test"):
-                predictions = read_predictions(run_dir, key, split)
-                images = MyCOCODataset(data, train=split == "train",
-                                       files=[r["file_name"] for r in predictions]).images
-                draw_split_figures(run_dir, key, loss_name, split, images, predictions,
+            for split in records:
+                records[split][key] = read_predictions(run_dir, key, split)
+                files = [r["file_name"] for r in records[split][key]]
+                images[split] = MyCOCODataset(data, train=split == "train", files=files).images
+                draw_split_figures(run_dir, key, loss_name, split, images[split], records[split][key],
                                    results[key][split], history["best_epoch"], results["settings"]["seed"])
                 drawn += [os.path.join(run_dir, f"{key}_{split}_{kind}.png") for kind in ("cm", "preds")]
             plot_history(history, os.path.join(run_dir, f"{key}_curves.png"), loss_name)
             drawn.append(os.path.join(run_dir, f"{key}_curves.png"))
+        for split, pair in records.items():
+            draw_comparison(run_dir, split, images[split], pair["ciou"], pair["mse"], results["settings"]["seed"])
+            drawn.append(os.path.join(run_dir, f"ciou_vs_mse_{split}.png"))
     return drawn
 
 

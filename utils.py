@@ -15,7 +15,7 @@ from torch import nn
 from Dataset import CLASS_NAMES, COCO_IDS, IMAGE_SIZE, draw_box, pyplot, save_figure
 from devices import accumulator_dtype, autocast
 
-GREEN, RED = (0, 255, 0), (255, 0, 0)  # RGB: ground truth, prediction
+GREEN, RED, BLUE = (0, 255, 0), (255, 0, 0), (0, 90, 255)  # RGB: ground truth, CIoU (a prediction), MSE
 
 
 # ---------------------------------------------------------------------------------
@@ -302,6 +302,46 @@ def display_preds(images, predictions, out_path, title, per_class=5, seed=0):
             ax.set_title(f"{CLASS_NAMES[true_label]} {c + 1}\nClassification: "
                          f"{true_label == pred_label}, IoU: {float(predictions['iou'][i]):.2f}",
                          fontsize=9)
+    fig.suptitle(title, fontsize=12)
+    fig.tight_layout()
+    save_figure(fig, out_path)
+
+
+def display_comparison(images, ciou, mse, out_path, title, per_class=5, seed=0, n_largest=3):
+    """Report Section 4.2, image by image: the images display_preds chooses, with the
+    ground truth (green) and the CIoU (red) and MSE (blue) models' boxes, each model's IoU
+    in the title; below, the two models' IoUs image by image, and the n_largest images
+    where they differ most. ciou, mse: per-image tensors of evaluation() on one split."""
+    plt = pyplot()
+    rows = select_per_class(ciou["label"], per_class, seed)
+    diff = mse["iou"] - ciou["iou"]
+    rows.append(diff.abs().argsort(descending=True)[:n_largest].tolist())
+    fig, axes = plt.subplots(len(rows), per_class, figsize=(2.7 * per_class, 3.2 * len(rows)), squeeze=False)
+    for r, indices in enumerate(rows):
+        offset = per_class - n_largest if r == len(rows) - 1 else 0
+        for c in range(per_class):
+            axes[r, c].axis("off")
+        for c, i in enumerate(indices):
+            img = np.ascontiguousarray(images[i].permute(1, 2, 0).numpy())
+            draw_box(img, (ciou["box"][i] * IMAGE_SIZE).tolist(), GREEN, CLASS_NAMES[int(ciou["label"][i])])
+            for preds, colour, at in ((ciou, RED, "bottom"), (mse, BLUE, "top")):
+                draw_box(img, (preds["pred_box"][i].clamp(0, 1) * IMAGE_SIZE).tolist(), colour,
+                         CLASS_NAMES[int(preds["pred_label"][i])], label_at=at)
+            ax = axes[r, c + offset]
+            ax.imshow(img)
+            what = f"{CLASS_NAMES[int(ciou['label'][i])]} {c + 1}" if offset == 0 else f"MSE - CIoU {diff[i]:+.2f}"
+            ax.set_title(f"{what}\nIoU CIoU {float(ciou['iou'][i]):.2f}, MSE {float(mse['iou'][i]):.2f}",
+                         fontsize=9)
+    ax = axes[-1, 0]
+    ax.axis("on")
+    ax.scatter(ciou["iou"], mse["iou"], s=4, alpha=0.5)
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="CIoU model's IoU", ylabel="MSE model's IoU",
+           title=f"MSE better on {int((diff > 0).sum())}, CIoU on {int((diff < 0).sum())}")
+    ax = axes[-1, 1]
+    ax.axis("on")
+    ax.hist(diff.numpy(), bins=30, range=(-1, 1))
+    ax.set(xlabel="IoU, MSE - CIoU", title=f"mean difference {float(diff.double().mean()):+.3f}")
     fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     save_figure(fig, out_path)

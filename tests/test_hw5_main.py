@@ -12,8 +12,8 @@ from devices import pick_device
 from files import UserError
 
 FIGURES = [f"{model}_{split}_{kind}.png" for model in ("ciou", "mse")
-           for split in ("train", "test") for kind in ("cm", "preds")] + ["ciou_curves.png",
-                                                                          "mse_curves.png"]
+           for split in ("train", "test") for kind in ("cm", "preds")] + [
+    "ciou_curves.png", "mse_curves.png", "ciou_vs_mse_train.png", "ciou_vs_mse_test.png"]
 
 
 # A tiny run of a small HW5Net on the CPU, where the network is not what is tested.
@@ -57,6 +57,16 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
         assert saved[model]["best_epoch"] == 1 and saved[model]["epochs_trained"] == 1
         assert saved[model]["skipped_steps"] == 0
         assert saved[model]["files_written"] == 1 and saved[model]["save_seconds"] >= 0
+    for split, n in (("train", n_train), ("test", n_test)):  # image by image, from the predictions
+        iou = {}
+        for model in ("ciou", "mse"):
+            with open(os.path.join(out, model, f"predictions_{split}.json")) as f:
+                iou[model] = [r["iou"] for r in json.load(f)]
+        diff = [m - c for c, m in zip(iou["ciou"], iou["mse"])]
+        c = saved["comparison"][split]
+        assert (c["mse_better"], c["ciou_better"], c["equal"]) == (
+            sum(d > 0 for d in diff), sum(d < 0 for d in diff), sum(d == 0 for d in diff))
+        assert c["n_images"] == n and c["mean_iou_difference"] == pytest.approx(sum(diff) / n)
     s = saved["settings"]
     assert s["demo"] is True and s["epochs"] == 1 and s["device"] == str(pick_device("auto"))
     assert s["backward"] == "single" and s["parameters"] == 211_083_307
@@ -239,6 +249,9 @@ def test_seeds_run_the_experiment_per_seed_and_aggregate_their_spread(tmp_path):
                 assert agg[metric] == pytest.approx({"mean": statistics.mean(values),
                                                      "std": statistics.stdev(values),
                                                      "min": min(values), "max": max(values)})
+    diffs = [run["comparison"]["test"]["mean_iou_difference"] for run in runs]
+    assert saved["aggregate"]["comparison"]["test"]["mean_iou_difference"]["mean"] == pytest.approx(
+        statistics.mean(diffs))
     with open(os.path.join(out, "results.md")) as f:
         md = f.read()
     for seed, run in zip((0, 1), runs):

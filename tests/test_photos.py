@@ -1,0 +1,66 @@
+"""Real photos: HW5Net at the report's width, trained with the report's recipe for a few
+epochs on a slice of the report's own images (../shared/coco_thumbs, 64x64 COCO 2014
+thumbnails upsampled to 256x256), learns their classes.
+
+The margins were measured on seeds 0 and 1, each with AVX-512 kernels and with AVX2 ones
+forced (ATEN_CPU_CAPABILITY=avx2): docs/photos.md. Whether the boxes beat the mean box
+is not asserted: in those runs they did not by a margin that held in all four (the box
+head stands near the mean box on photos, docs/photos.md).
+"""
+import json
+import os
+
+import pytest
+
+import train
+from Dataset import build_dataset
+
+THUMBS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                      "shared", "coco_thumbs")
+N_IMAGES = {"train": 256, "val": 128}
+EPOCHS = 3
+MARGIN = 0.10  # test accuracy above the majority class's share (measured: docs/photos.md)
+
+
+def slice_of_thumbs(root, n_images=N_IMAGES):
+    """A COCO tree of every k-th image of each coco_thumbs split (the class mix kept),
+    its images linked, not copied."""
+    for split, n in n_images.items():
+        with open(os.path.join(THUMBS, "annotations", f"instances_{split}2014.json")) as f:
+            coco = json.load(f)
+        images = sorted(coco["images"], key=lambda im: im["id"])
+        images = images[::len(images) // n][:n]
+        ids = {im["id"] for im in images}
+        coco.update(images=images, annotations=[a for a in coco["annotations"] if a["image_id"] in ids])
+        os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+        with open(os.path.join(root, "annotations", f"instances_{split}2014.json"), "w") as f:
+            json.dump(coco, f)
+        os.symlink(os.path.join(THUMBS, f"{split}2014"), os.path.join(root, f"{split}2014"))
+    return root
+
+
+def photo_run(data_dir, out_dir, seed=0):
+    """The report's recipe (single backward: the same gradients), EPOCHS epochs on the CPU."""
+    args = train.get_args_parser().parse_args(
+        ["--data_dir", data_dir, "--out_dir", out_dir, "--epochs", str(EPOCHS), "--seed", str(seed),
+         "--single_backward", "--device", "cpu", "--quiet"])
+    return train.main(args)
+
+
+@pytest.fixture(scope="module")
+def thumbs_data(tmp_path_factory):
+    if not os.path.isdir(os.path.join(THUMBS, "annotations")):
+        pytest.skip("../shared/coco_thumbs is not beside the checkout")
+    root = tmp_path_factory.mktemp("thumbs")
+    slice_of_thumbs(str(root / "coco"))
+    build_dataset(str(root / "coco"), str(root / "data"), workers=2, progress=False, figure=False)
+    return str(root / "data")
+
+
+def test_hw5net_learns_the_classes_of_real_photos(thumbs_data, tmp_path):
+    from Dataset import MyCOCODataset
+    labels = MyCOCODataset(thumbs_data, train=False).labels
+    chance = float(labels.bincount().max()) / len(labels)  # always the most common class
+    history = photo_run(thumbs_data, str(tmp_path / "run"))
+    best = history["test"]["accuracy"][history["best_epoch"] - 1]
+    assert best > chance + MARGIN, (best, chance)
