@@ -2,8 +2,9 @@
 
     python Dataset.py --coco_dir /data/coco --out_dir data/hw5 --workers 8
 
-(synthetic_coco.py makes a COCO-format tree where there is no COCO.) An image is kept when, among its non-crowd bus/cat/pizza annotations, exactly one has
-COCO `area` > 200*200. DATA then holds train_data/ and test_data/ (256x256 JPEGs named
+(`python -m synthetic.coco` draws a COCO-format tree where there is no COCO.) An image
+is kept when, among its non-crowd bus/cat/pizza annotations, exactly one has COCO
+`area` > 200*200. DATA then holds train_data/ and test_data/ (256x256 JPEGs named
 as in COCO), train_data.pkl, test_data.pkl, inv_map.pkl and sample_images.png (Fig. 2).
 """
 import argparse

@@ -26,7 +26,7 @@ from network import count_parameters, model_summary
 from results import (MODELS, REPORT, aggregate_results, check, compare_models, draw_comparison,
                      draw_split_figures, keep_earlier_wall_seconds, read_predictions, redraw,
                      results_markdown, seeds_markdown)
-from synthetic_coco import make_synthetic_coco
+from synthetic.coco import make_synthetic_coco
 from train import (add_training_args, build_model, check_training_args, load_datasets,
                    make_criteria, seed_everything, train)
 from utils import (box_iou_per_image, coco_ground_truth, coco_metrics, coco_results, evaluation,

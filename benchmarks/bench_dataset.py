@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import Dataset  # noqa: E402
-from synthetic_coco import make_synthetic_coco  # noqa: E402
+from synthetic.coco import make_synthetic_coco  # noqa: E402
 
 log = logging.getLogger("bench_dataset")
 

@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 
 def make_data(work, n_train, n_val):
     from Dataset import build_dataset
-    from synthetic_coco import make_synthetic_coco
+    from synthetic.coco import make_synthetic_coco
     coco, data = os.path.join(work, "coco"), os.path.join(work, "data")
     make_synthetic_coco(coco, n_train, n_val, seed=0)
     build_dataset(coco, data, workers=os.cpu_count() or 1, progress=False, figure=False)

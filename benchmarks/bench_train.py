@@ -74,7 +74,7 @@ def timed(fn, device, repeats):
 
 
 def make_data(data_dir, n_train, n_val):
-    from synthetic_coco import make_synthetic_coco
+    from synthetic.coco import make_synthetic_coco
     coco = os.path.join(data_dir, "coco")
     make_synthetic_coco(coco, n_train, n_val, seed=0)
     build_dataset(coco, os.path.join(data_dir, "data"), workers=os.cpu_count() or 1,

@@ -20,7 +20,7 @@ def coco_mini_dir():
 @pytest.fixture(scope="session")
 def synthetic_tree(tmp_path_factory):
     """A small synthetic COCO tree (2014 names), made once per test session."""
-    from synthetic_coco import make_synthetic_coco
+    from synthetic.coco import make_synthetic_coco
     root = str(tmp_path_factory.mktemp("synthetic_coco"))
     make_synthetic_coco(root, n_train=70, n_val=35, seed=3)
     return root

@@ -128,7 +128,7 @@ def test_synthetic_tree_has_every_case(synthetic_tree):
 
 
 def test_synthetic_is_deterministic(tmp_path):
-    from synthetic_coco import make_synthetic_coco
+    from synthetic.coco import make_synthetic_coco
     a = make_synthetic_coco(str(tmp_path / "a"), 6, 3, seed=5)
     b = make_synthetic_coco(str(tmp_path / "b"), 6, 3, seed=5)
     c = make_synthetic_coco(str(tmp_path / "c"), 6, 3, seed=6)

@@ -226,7 +226,7 @@ def test_training_and_evaluation_make_no_float64_tensor_with_mps_sums(monkeypatc
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     from Dataset import build_dataset
-    from synthetic_coco import make_synthetic_coco
+    from synthetic.coco import make_synthetic_coco
     root = tmp_path_factory.mktemp("amp")
     make_synthetic_coco(str(root / "coco"), n_train=16, n_val=8, seed=1)
     build_dataset(str(root / "coco"), str(root / "data"), workers=1, progress=False, figure=False)

@@ -310,7 +310,7 @@ def test_spread_of_numbers_nested_and_missing():
 def test_an_out_dir_that_is_a_file_stops_every_script_with_one_line(tmp_path):
     import Dataset
     import predict
-    import synthetic_coco
+    import synthetic.coco as synthetic_coco
     import train
     afile = tmp_path / "afile"
     afile.write_text("not a folder")

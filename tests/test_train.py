@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """About 14 train and 6 test images."""
-    from synthetic_coco import make_synthetic_coco
+    from synthetic.coco import make_synthetic_coco
     root = tmp_path_factory.mktemp("tiny")
     make_synthetic_coco(str(root / "coco"), n_train=16, n_val=8, seed=1)
     build_dataset(str(root / "coco"), str(root / "data"), workers=1, progress=False, figure=False)

@@ -4,7 +4,7 @@ Users and CI have no COCO, so the whole pipeline is exercised on images this mod
 draws: real JPEG files in the standard layout, with `instances_*.json` files that
 pycocotools reads exactly as it reads the COCO release:
 
-    python synthetic_coco.py --out_dir data/synthetic_coco --n_train 300 --n_val 150
+    python -m synthetic.coco --out_dir data/synthetic_coco --n_train 300 --n_val 150
     python Dataset.py --coco_dir data/synthetic_coco --out_dir data/hw5_synthetic
 
 Every case the dataset filter must handle occurs: one dominant object; a dominant
