@@ -181,7 +181,7 @@ def predict(model, paths, out_dir, device, batch_size=32, amp=False, progress=Tr
 def load_model(weights, args, device):
     if not os.path.isfile(weights):
         raise UserError(f"--weights {weights}: no such file (a best_model.pt written by "
-                            f"train.py or hw5_main.py)")
+                        f"train.py or hw5_main.py)")
     arch = architecture(weights, args)
     model = HW5Net(**arch)
     state = load_checkpoint(weights)  # onto the CPU, then moved

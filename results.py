@@ -83,12 +83,16 @@ def baseline_line(results):
 
 def comparison_lines(comparison):
     """Image by image, which model's box is the better (over seeds, the means)."""
-    def mean(v):
-        return v["mean"] if isinstance(v, dict) else v
-    return [f"Image by image on {split} ({mean(c['n_images']):.0f} images): the MSE model's box is the "
-            f"better on {mean(c['mse_better']):.1f}, the CIoU model's on {mean(c['ciou_better']):.1f}; "
-            f"mean IoU difference (MSE - CIoU) {mean(c['mean_iou_difference']):+.3f} "
-            f"(`ciou_vs_mse_{split}.png`)." for split, c in comparison.items()] + [""]
+    lines = []
+    for split, c in comparison.items():
+        seeds = isinstance(c["mse_better"], dict)
+        v = {k: c[k]["mean"] if seeds else c[k] for k in c}
+        count, over = ("{:.1f}", ", means over the seeds") if seeds else ("{}", "")
+        lines.append(f"Image by image on {split} ({v['n_images']:.0f} images{over}): "
+                     f"the MSE model's box is the better on {count.format(v['mse_better'])}, the CIoU "
+                     f"model's on {count.format(v['ciou_better'])}; mean IoU difference (MSE - CIoU) "
+                     f"{v['mean_iou_difference']:+.3f} (`ciou_vs_mse_{split}.png`).")
+    return lines + [""]
 
 
 def results_markdown(results):
