@@ -30,7 +30,7 @@ import torch
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
-from files import UserError, atomic_write, out_dir_problem, write_json
+from files import HelpFormatter, UserError, atomic_write, out_dir_problem, write_json
 
 log = logging.getLogger("Dataset")
 
@@ -468,7 +468,7 @@ class MyCOCODataset(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------------
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--coco_dir", required=True,
                    help="COCO tree: annotations/, train{year}/, val{year}/ (required)")
     p.add_argument("--out_dir", required=True, help="where the dataset (DATA) is written (required)")

@@ -15,7 +15,8 @@ from files import UserError, atomic_write, read_json
 
 log = logging.getLogger("checkpoints")
 
-# The settings that decide a run's course: a resumed run must have the same.
+# The settings that decide a run's course: a resumed run must have the same (a new training
+# option that changes the course belongs here too).
 TRAJECTORY = ("loss", "lr", "beta1", "beta2", "batch_size", "seed", "augment", "raw_boxes",
               "single_backward", "val_fraction", "width", "n_blocks", "learnable_res", "amp",
               "lr_schedule", "warmup_epochs")
@@ -112,10 +113,9 @@ def restore(ckpt, path, model, optimizer, generator, device):
 
 def check_same_settings(saved, settings, path):
     """Refuse to go on with a run (saved: its settings) under other TRAJECTORY settings."""
-    changed = [f"--{k} {saved[k]} (now {settings[k]})" for k in TRAJECTORY
-               if k in saved and saved[k] != settings[k]]
-    if saved.get("lr_schedule", "constant") != "constant" and saved.get("epochs") != settings["epochs"]:
-        changed.append(f"--epochs {saved.get('epochs')} (now {settings['epochs']}; --lr_schedule "
+    changed = [f"--{k} {saved[k]} (now {settings[k]})" for k in TRAJECTORY if saved[k] != settings[k]]
+    if saved["lr_schedule"] != "constant" and saved["epochs"] != settings["epochs"]:
+        changed.append(f"--epochs {saved['epochs']} (now {settings['epochs']}; --lr_schedule "
                        f"{saved['lr_schedule']} decays over the run's epochs)")
     if changed:
         raise UserError(f"{path} was written with " + ", ".join(changed) + "; resume with the same "

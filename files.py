@@ -1,6 +1,7 @@
-"""The files a run writes: one atomic write (a temporary name, then a rename) that every
-module uses, text and JSON on top of it, the check that a path can be an output folder,
-and the one error a user is shown."""
+"""What every command shares: the files a run writes (one atomic write, a temporary name
+then a rename, with text and JSON on top of it), the check that a path can be an output
+folder, the one error a user is shown, and the --help format."""
+import argparse
 import json
 import os
 
@@ -8,6 +9,14 @@ import os
 class UserError(Exception):
     """A problem the user can fix: the message names the file or option and what was
     expected. The command-line scripts print it as one line and exit with status 2."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in --help, except where there is none: a required option, or
+    one whose help says what happens when it is not given."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def atomic_write(path, write):

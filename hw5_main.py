@@ -21,7 +21,7 @@ import torch
 from checkpoints import RunFiles, load_checkpoint, load_model_state
 from Dataset import build_dataset
 from devices import DeviceBatches, pick_device
-from files import UserError, out_dir_problem, read_json, write_json, write_text
+from files import HelpFormatter, UserError, out_dir_problem, read_json, write_json, write_text
 from network import count_parameters, model_summary
 from results import (MODELS, REPORT, aggregate_results, check, compare_models, draw_comparison,
                      draw_split_figures, keep_earlier_wall_seconds, read_predictions, redraw,
@@ -182,15 +182,8 @@ def check_layout(out_dir, held, seeds, resume):
                         f"(and any new ones), not {' '.join(map(str, seeds))}")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in the help, except the unset ones whose help says them."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", help="dataset built by Dataset.py (required unless --demo)")
     g.add_argument("--out_dir", required=True, help="where models, figures and results go (required)")

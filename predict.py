@@ -22,7 +22,7 @@ from tqdm import tqdm
 from checkpoints import load_checkpoint, load_model_state
 from Dataset import CLASS_NAMES, draw_box, resize_image
 from devices import DEVICE_HELP, autocast, autocast_problem, pick_device
-from files import UserError, atomic_write, out_dir_problem, write_json
+from files import HelpFormatter, UserError, atomic_write, out_dir_problem, write_json
 from network import ARCHITECTURE, HW5Net
 from utils import order_boxes
 
@@ -195,11 +195,11 @@ def load_model(weights, args, device):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
                    help="image files, and directories searched for .jpg, .jpeg and .png files")
-    p.add_argument("--weights", required=True, help="a best_model.pt (state_dict) of train.py or hw5_main.py")
-    p.add_argument("--out_dir", required=True, help="where predictions.json and the overlays go")
+    p.add_argument("--weights", required=True, help="a best_model.pt (state_dict) of train.py or hw5_main.py (required)")
+    p.add_argument("--out_dir", required=True, help="where predictions.json and the overlays go (required)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast for the forward pass")

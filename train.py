@@ -27,7 +27,7 @@ from checkpoints import (CheckpointWriter, RunFiles, check_same_settings, checkp
 from Dataset import MyCOCODataset
 from devices import (DEVICE_HELP, DeviceBatches, NonFiniteGuard, accumulator_dtype, autocast, autocast_problem,
                      pick_device, release_freed_memory, reuse_freed_memory, set_gpu_options)
-from files import UserError, out_dir_problem, write_json
+from files import HelpFormatter, UserError, out_dir_problem, write_json
 from network import ARCHITECTURE, HW5Net
 from utils import CompleteIOULoss, box_iou_per_image, evaluation, order_boxes
 
@@ -43,12 +43,13 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+# --loss: (box criterion, name); train_one_epoch and evaluation order the boxes first.
+BOX_LOSSES = {"ciou": (CompleteIOULoss("mean", order=False), "CIoU"), "mse": (nn.MSELoss(), "MSE")}
+
+
 def make_criteria(loss):
-    """(class criterion, box criterion, loss name). The box criterion takes the boxes as
-    given: train_one_epoch and evaluation order the head's output first (unless --raw_boxes)."""
-    if loss == "ciou":
-        return nn.CrossEntropyLoss(), CompleteIOULoss("mean", order=False), "CIoU"
-    return nn.CrossEntropyLoss(), nn.MSELoss(), "MSE"
+    """(class criterion, box criterion, loss name)."""
+    return nn.CrossEntropyLoss(), *BOX_LOSSES[loss]
 
 
 def make_optimizer(model, lr, betas):
@@ -111,9 +112,9 @@ def check_training_args(args, device, n_train=None):
 def train_one_epoch(model, batches, optimizer, criterion_cls, criterion_box, device, epoch, lr=None,
                     order=True, single_backward=False, amp=False, progress=True):
     """One pass over batches; lr (a LearningRate) sets each step's rate. Returns the running
-    means over images (train mode, as the report logged them) and skipped_steps: steps
-    with a non-finite loss or gradient, which changed nothing and are left out of the
-    means. The host reads the device every CHECK_EVERY steps, never in between."""
+    means over images (train mode, as the report logged them) and skipped_steps (steps with
+    a non-finite loss or gradient: they changed nothing and are left out of the means). The
+    host reads the device every CHECK_EVERY steps only (each step where Adam is not fused)."""
     model.train()
     guard = NonFiniteGuard(optimizer, device)
     acc = accumulator_dtype(device)
@@ -244,8 +245,8 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
         for epoch in range(start_epoch, args.epochs + 1):
             t0 = time.perf_counter()
             metrics = train_one_epoch(model, train_batches, optimizer, criterion_cls, criterion_box,
-                                      device, epoch, lr, not args.raw_boxes, args.single_backward,
-                                      args.amp, progress)
+                                      device, epoch, lr, order=not args.raw_boxes,
+                                      single_backward=args.single_backward, amp=args.amp, progress=progress)
             results = {"train": metrics}
             for split, data in eval_batches.items():
                 _, results[split] = evaluation(model, data, criterion_cls, criterion_box, device,
@@ -334,7 +335,7 @@ def add_training_args(p):
     g.add_argument("--augment", action="store_true", help="random horizontal flip that moves the box")
     g.add_argument("--raw_boxes", action="store_true",
                    help="feed the box head's raw output to the loss and metric, as the report's code "
-                        "(default: order each coordinate pair first)")
+                        "(instead of ordering each coordinate pair first)")
     g.add_argument("--single_backward", action="store_true",
                    help="one backward of the summed loss instead of the report's two (same gradients)")
     g.add_argument("--val_fraction", type=float, default=0.0,
@@ -366,13 +367,13 @@ def add_training_args(p):
     return p
 
 
-def get_args_parser(add_help=True):
-    p = argparse.ArgumentParser(description="Train one HW5Net (report Section 3.4).", add_help=add_help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Train one HW5Net (report Section 3.4).",
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data_dir", required=add_help, help="dataset built by Dataset.py (required)")
-    g.add_argument("--out_dir", required=add_help, help="where the run's files go (required)")
-    g.add_argument("--loss", choices=("ciou", "mse"), default="ciou", help="box loss")
+    g.add_argument("--data_dir", required=True, help="dataset built by Dataset.py (required)")
+    g.add_argument("--out_dir", required=True, help="where the run's files go (required)")
+    g.add_argument("--loss", choices=sorted(BOX_LOSSES), default="ciou", help="box loss")
     return add_training_args(p)
 
 

@@ -20,7 +20,7 @@ Sections:
   eval    images/s of one evaluation pass over the test split.
   feed    seconds per training batch of feeding alone (no model): the DataLoader over
           MyCOCODataset's items (index each, convert, collate, and pin for a GPU: the path
-          before train.DeviceBatches) against DeviceBatches (one index into the images in
+          before devices.DeviceBatches) against DeviceBatches (one index into the images in
           device memory, one conversion), and the bytes and seconds of one checkpoint.pt
           and one best_model.pt of HW5Net written to the data's folder.
   limit   FLOPs of one training step (counted by torch.utils.flop_counter) over the

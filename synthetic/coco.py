@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from files import UserError, out_dir_problem, write_text
+from files import HelpFormatter, UserError, out_dir_problem, write_text
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +374,7 @@ def make_synthetic_coco(out_dir, n_train=300, n_val=150, seed=0, year=2014):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--out_dir", required=True, help="where the COCO-format tree goes (required)")
     p.add_argument("--n_train", type=int, default=300, help="train images")
     p.add_argument("--n_val", type=int, default=150, help="val images")

@@ -145,6 +145,17 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
     assert any("CIoU train: confusion_matrix" in p for p in problems)
     with open(results_path, "w") as f:
         f.write(original)
+    predictions_path = os.path.join(out, "ciou", "predictions_test.json")  # a box moved
+    with open(predictions_path) as f:
+        original = f.read()
+    tampered = json.loads(original)
+    tampered[0]["pred_box"] = tampered[0]["box"]  # its IoU 1, the record's left as it was
+    with open(predictions_path, "w") as f:
+        json.dump(tampered, f)
+    problems = hw5_main.main(parse("--out_dir", out, "--check", "--device", "cpu"))
+    assert len(problems) == 1 and "CIoU test: mean_iou" in problems[0], problems
+    with open(predictions_path, "w") as f:
+        f.write(original)
 
     # A second run into the same OUT is refused before any work; so is going on with its
     # data drawn otherwise, or with a --seeds run into it.

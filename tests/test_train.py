@@ -228,8 +228,9 @@ def test_resume_errors(tiny_data, tmp_path):
     with pytest.raises(UserError, match="nothing to resume in .*run: no checkpoint.pt or history.json"):
         train.main(args_for(tiny_data, out, "--resume"))
     os.makedirs(out, exist_ok=True)
+    settings = train.run_settings(args_for(tiny_data, out, "--resume"), torch.device("cpu"))
     torch.save({"model": {"foo": torch.zeros(1)}, "optimizer": {}, "epoch": 1, "history": {},
-                "rng": {}, "settings": {}}, os.path.join(out, "checkpoint.pt"))
+                "rng": {}, "settings": settings}, os.path.join(out, "checkpoint.pt"))
     with pytest.raises(UserError, match="different architecture"):
         train.main(args_for(tiny_data, out, "--resume"))
     with open(os.path.join(out, "checkpoint.pt"), "wb") as f:
