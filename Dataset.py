@@ -18,7 +18,6 @@ import math
 import os
 import pickle
 import shutil
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ import torch
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
-from files import HelpFormatter, UserError, atomic_write, out_dir_problem, write_json
+from files import HelpFormatter, UserError, command, atomic_write, out_dir_problem, write_json
 
 log = logging.getLogger("Dataset")
 
@@ -491,9 +490,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        main(get_args_parser().parse_args())
-    except DatasetError as e:
-        log.error("%s", e)
-        sys.exit(2)
+    command(lambda: main(get_args_parser().parse_args()), log)

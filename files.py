@@ -3,7 +3,9 @@ then a rename, with text and JSON on top of it), the check that a path can be an
 folder, the one error a user is shown, and the --help format."""
 import argparse
 import json
+import logging
 import os
+import sys
 
 
 class UserError(Exception):
@@ -17,6 +19,19 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
+
+
+def command(main, log):
+    """Run main() as a command: INFO logging; a UserError, or an output the system refuses,
+    is printed as one line with exit status 2. Returns what main returns."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return main()
+    except UserError as e:
+        log.error("%s", e)
+    except OSError as e:  # an output folder that is a file, or not writable
+        log.error("%s: %s", e.filename or "output", e.strerror or e)
+    sys.exit(2)
 
 
 def atomic_write(path, write):

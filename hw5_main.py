@@ -21,7 +21,7 @@ import torch
 from checkpoints import RunFiles, load_checkpoint, load_model_state
 from Dataset import build_dataset
 from devices import DeviceBatches, pick_device
-from files import HelpFormatter, UserError, out_dir_problem, read_json, write_json, write_text
+from files import HelpFormatter, UserError, command, out_dir_problem, read_json, write_json, write_text
 from network import count_parameters, model_summary
 from results import (MODELS, REPORT, aggregate_results, check, compare_models, draw_comparison,
                      draw_split_figures, keep_earlier_wall_seconds, read_predictions, redraw,
@@ -298,12 +298,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = get_args_parser()
-    try:
-        args = resolve_args(parser.parse_args(), parser)
-        outcome = main(args)
-    except UserError as e:
-        log.error("%s", e)
-        sys.exit(2)
+    args = parser.parse_args()
+    outcome = command(lambda: main(resolve_args(args, parser)), log)
     sys.exit(1 if args.check and outcome else 0)

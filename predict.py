@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 
 import cv2
 import numpy as np
@@ -22,7 +21,7 @@ from tqdm import tqdm
 from checkpoints import load_checkpoint, load_model_state
 from Dataset import CLASS_NAMES, draw_box, resize_image
 from devices import DEVICE_HELP, autocast, autocast_problem, pick_device
-from files import HelpFormatter, UserError, atomic_write, out_dir_problem, write_json
+from files import HelpFormatter, UserError, command, atomic_write, out_dir_problem, write_json
 from network import ARCHITECTURE, HW5Net
 from utils import order_boxes
 
@@ -228,12 +227,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        main(get_args_parser().parse_args())
-    except UserError as e:
-        log.error("%s", e)
-        sys.exit(2)
-    except OSError as e:  # an --out_dir that is a file, or not writable
-        log.error("%s: %s", e.filename or "output", e.strerror or e)
-        sys.exit(2)
+    command(lambda: main(get_args_parser().parse_args()), log)

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 
 import numpy as np
@@ -27,7 +26,7 @@ from checkpoints import (CheckpointWriter, RunFiles, check_same_settings, checkp
 from Dataset import MyCOCODataset
 from devices import (DEVICE_HELP, DeviceBatches, NonFiniteGuard, accumulator_dtype, autocast, autocast_problem,
                      pick_device, release_freed_memory, reuse_freed_memory, set_gpu_options)
-from files import HelpFormatter, UserError, out_dir_problem, write_json
+from files import HelpFormatter, UserError, command, out_dir_problem, write_json
 from network import ARCHITECTURE, HW5Net
 from utils import CompleteIOULoss, box_iou_per_image, evaluation, order_boxes
 
@@ -392,9 +391,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        main(get_args_parser().parse_args())
-    except UserError as e:
-        log.error("%s", e)
-        sys.exit(2)
+    command(lambda: main(get_args_parser().parse_args()), log)

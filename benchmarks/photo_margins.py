@@ -15,19 +15,24 @@ from Dataset import MyCOCODataset, build_dataset  # noqa: E402
 from hw5_main import mean_box_baseline  # noqa: E402
 from test_photos import photo_run, slice_of_thumbs  # noqa: E402
 
-out = sys.argv[1]
-data = os.path.join(out, "data")
-if not os.path.exists(data):
-    slice_of_thumbs(os.path.join(out, "coco"))
-    build_dataset(os.path.join(out, "coco"), data, workers=2, progress=False, figure=False)
-train_set, test_set = MyCOCODataset(data, train=True), MyCOCODataset(data, train=False)
-chance = float(test_set.labels.bincount().max()) / len(test_set)
-baseline = mean_box_baseline(train_set.boxes, test_set.boxes)
-kernels = os.environ.get("ATEN_CPU_CAPABILITY", "default")
-for seed in (0, 1):
-    h = photo_run(data, os.path.join(out, f"run_{kernels}_{seed}"), seed)
-    b = h["best_epoch"] - 1
-    print(f"kernels {kernels} seed {seed}: best epoch {b + 1}, test accuracy {h['test']['accuracy'][b]:.3f} "
-          f"(chance {chance:.3f}, margin {h['test']['accuracy'][b] - chance:+.3f}); test mean IoU "
-          f"{h['test']['mean_iou'][b]:.3f} (mean box {baseline:.3f}, margin {h['test']['mean_iou'][b] - baseline:+.3f})",
-          flush=True)
+
+def main(out):
+    data = os.path.join(out, "data")
+    if not os.path.exists(data):
+        slice_of_thumbs(os.path.join(out, "coco"))
+        build_dataset(os.path.join(out, "coco"), data, workers=2, progress=False, figure=False)
+    train_set, test_set = MyCOCODataset(data, train=True), MyCOCODataset(data, train=False)
+    chance = float(test_set.labels.bincount().max()) / len(test_set)
+    baseline = mean_box_baseline(train_set.boxes, test_set.boxes)
+    kernels = os.environ.get("ATEN_CPU_CAPABILITY", "default")
+    for seed in (0, 1):
+        h = photo_run(data, os.path.join(out, f"run_{kernels}_{seed}"), seed)
+        b = h["best_epoch"] - 1
+        print(f"kernels {kernels} seed {seed}: best epoch {b + 1}, test accuracy {h['test']['accuracy'][b]:.3f} "
+              f"(chance {chance:.3f}, margin {h['test']['accuracy'][b] - chance:+.3f}); test mean IoU "
+              f"{h['test']['mean_iou'][b]:.3f} (mean box {baseline:.3f}, margin {h['test']['mean_iou'][b] - baseline:+.3f})",
+              flush=True)
+
+
+if __name__ == "__main__":  # build_dataset's workers import this file again
+    main(sys.argv[1])

@@ -23,13 +23,12 @@ import json
 import logging
 import math
 import os
-import sys
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from files import HelpFormatter, UserError, out_dir_problem, write_text
+from files import HelpFormatter, UserError, command, out_dir_problem, write_text
 
 log = logging.getLogger(__name__)
 
@@ -392,9 +391,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        main(get_args_parser().parse_args())
-    except UserError as e:
-        log.error("%s", e)
-        sys.exit(2)
+    command(lambda: main(get_args_parser().parse_args()), log)
