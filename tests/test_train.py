@@ -258,6 +258,21 @@ def comparable(history):
     return {k: v for k, v in history.items() if not k.endswith("_seconds") and k != "settings"}
 
 
+def test_malloc_reuse_changes_nothing_but_speed(tiny_data, tmp_path):
+    """The CPU's malloc tuning (on by default) against glibc's own (--system_malloc), each
+    in its own process (mallopt lasts for the process): the same history and weights."""
+    runs = {}
+    for name, extra in (("reuse", ()), ("system", ("--system_malloc",))):
+        out = str(tmp_path / name)
+        proc = run_cli(tiny_data, out, *extra)
+        assert proc.wait(timeout=600) == 0, proc.stdout.read()
+        with open(os.path.join(out, "history.json")) as f:
+            runs[name] = comparable(json.load(f)), torch.load(os.path.join(out, "best_model.pt"))
+    assert runs["reuse"][0] == runs["system"][0]
+    for k, v in runs["reuse"][1].items():
+        assert torch.equal(v, runs["system"][1][k]), k
+
+
 def test_resume_after_kill_reproduces_the_uninterrupted_history(tiny_data, tmp_path):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     proc = run_cli(tiny_data, full)
