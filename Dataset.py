@@ -29,7 +29,7 @@ import torch
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
-from files import HelpFormatter, UserError, command, atomic_write, out_dir_problem, write_json
+from files import HelpFormatter, UserError, atomic_write, command, out_dir_problem, write_json
 
 log = logging.getLogger("Dataset")
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from checkpoints import load_checkpoint, load_model_state
 from Dataset import CLASS_NAMES, draw_box, resize_image
 from devices import DEVICE_HELP, autocast, autocast_problem, pick_device
-from files import HelpFormatter, UserError, command, atomic_write, out_dir_problem, write_json
+from files import HelpFormatter, UserError, atomic_write, command, out_dir_problem, write_json
 from network import ARCHITECTURE, HW5Net
 from utils import order_boxes
 
@@ -197,7 +197,8 @@ def get_args_parser():
                                 formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
                    help="image files, and directories searched for .jpg, .jpeg and .png files")
-    p.add_argument("--weights", required=True, help="a best_model.pt (state_dict) of train.py or hw5_main.py (required)")
+    p.add_argument("--weights", required=True,
+                   help="a best_model.pt (state_dict) of train.py or hw5_main.py (required)")
     p.add_argument("--out_dir", required=True, help="where predictions.json and the overlays go (required)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
