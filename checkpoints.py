@@ -5,6 +5,7 @@ import copy
 import logging
 import os
 import random
+import signal
 import threading
 import time
 
@@ -60,6 +61,30 @@ def host_copy(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(host_copy(v) for v in obj)
     return copy.deepcopy(obj)
+
+
+def best_weights(model):
+    """A copy of model's weights in its own device's memory, which training does not change:
+    the best epoch's, kept without a blocking copy to the host until they are written."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class StopOnSigterm:
+    """While training: SIGTERM (a Slurm preemption, `kill`) sets `requested` instead of
+    ending the process, so that the run stops after the epoch in progress with a
+    checkpoint. Only the main thread can hold a signal handler."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._request)
+        return self
+
+    def _request(self, signum, frame):
+        self.requested = True
+        log.warning("SIGTERM: the run stops after this epoch, with a checkpoint")
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
 
 
 def _device_rng(device):

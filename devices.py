@@ -4,6 +4,7 @@ running sums, skipping a non-finite step on the device, and the speed settings o
 and of glibc's malloc on the CPU."""
 import contextlib
 import ctypes
+import functools
 import logging
 import math
 import os
@@ -21,7 +22,8 @@ from files import UserError
 log = logging.getLogger("devices")
 
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
-DEVICE_HELP = DEVICES + " (auto: CUDA, then Apple MPS, then the CPU)"
+DEVICE_HELP = DEVICES + (" (auto: CUDA, then Apple MPS, then the CPU; beside an NVIDIA GPU "
+                         "that torch cannot use it stops and says why)")
 
 
 def nvidia_driver_info(proc_path="/proc/driver/nvidia/version", smi="nvidia-smi"):
@@ -48,61 +50,91 @@ def _version(text):
     return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
 
 
+def hides_every_gpu(visible):
+    """Whether CUDA_VISIBLE_DEVICES=visible leaves torch no GPU: CUDA reads the list up to
+    its first entry that is neither an index nor a GPU-/MIG- UUID ("", "-1", and Slurm's
+    "NoDevFiles" for a job given no GPU)."""
+    first = visible.split(",")[0].strip()
+    return not (first.isdigit() or first.startswith(("GPU-", "MIG-")))
+
+
 def unusable_gpu_message():
-    """One line on an NVIDIA GPU that the installed torch cannot use: why, and the fix.
-    None when torch can use it or the machine has none."""
+    """One line on an NVIDIA GPU that the installed torch cannot use: why, and the fix, as
+    far as they are known. None when torch can use it or the machine has none."""
     if torch.cuda.is_available():
         return None
     info = nvidia_driver_info()
     if info is None:
         return None
     driver, driver_cuda = info
-    gpu = f"NVIDIA driver {driver}" + (f", which supports CUDA up to {driver_cuda}" if driver_cuda else "")
+    gpu = f"this machine has an NVIDIA GPU (NVIDIA driver {driver}" + (
+        f", which supports CUDA up to {driver_cuda})" if driver_cuda else ")")
     hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if hidden is not None and hidden.strip() in ("", "-1"):
-        return (f"this machine has an NVIDIA GPU ({gpu}) but CUDA_VISIBLE_DEVICES={hidden!r} hides "
-                f"it from torch")
+    if hidden is not None and hides_every_gpu(hidden):
+        return (f"{gpu} but CUDA_VISIBLE_DEVICES={hidden!r} hides it from torch (under Slurm: the "
+                f"job was given no GPU; ask for one, e.g. --gres=gpu:1)")
+    ask_torch = "`python -c \"import torch; torch.cuda.init()\"` prints torch's reason"
     if torch.version.cuda is None:
-        why = f"torch {torch.__version__} is a build without CUDA"
-    elif driver_cuda and _version(torch.version.cuda) <= _version(driver_cuda):
-        return (f"this machine has an NVIDIA GPU ({gpu}) and torch {torch.__version__} was built "
-                f"for CUDA {torch.version.cuda}, which that driver supports, yet torch cannot use "
-                f"it: `python -c \"import torch; torch.cuda.init()\"` prints why")
-    else:
-        why = f"torch {torch.__version__} was built for CUDA {torch.version.cuda}"
-    return (f"this machine has an NVIDIA GPU ({gpu}) but {why} and cannot use it: install the "
-            f"torch build for the driver's CUDA version, e.g. `pip install torch torchvision "
-            f"--index-url https://download.pytorch.org/whl/cu126` for CUDA 12.6 (docs/devices.md), "
-            f"or update the driver")
+        return (f"{gpu} but torch {torch.__version__} is a build without CUDA: install a CUDA "
+                f"build (docs/devices.md)")
+    built = f"torch {torch.__version__} was built for CUDA {torch.version.cuda}"
+    if driver_cuda is None:
+        return f"{gpu} and {built}, but the CUDA version the driver supports is unknown: {ask_torch}"
+    if _version(torch.version.cuda) <= _version(driver_cuda):
+        return f"{gpu} and {built}, which that driver supports, yet torch cannot use it: {ask_torch}"
+    return (f"{gpu} but {built} and cannot use it: install the torch build for the driver's "
+            f"CUDA version, e.g. `pip install torch torchvision --index-url "
+            f"https://download.pytorch.org/whl/cu126` for CUDA 12.6 (docs/devices.md), or update "
+            f"the driver")
+
+
+def missing_kernels_message(device):
+    """One line when torch's build has no kernels for this GPU (a CUDA 13 build starts at
+    sm_75, so a V100, sm_70, fails at its first kernel); None when it has them. A cubin
+    runs on its major version's later minors, PTX (compute_XY) on any later GPU."""
+    major, minor = torch.cuda.get_device_capability(device)
+    arch = torch.cuda.get_arch_list()
+    for m in filter(None, (re.fullmatch(r"(sm|compute)_(\d+)(\d)", a) for a in arch)):
+        built = (int(m[2]), int(m[3]))
+        if built <= (major, minor) and (m[1] == "compute" or built[0] == major):
+            return None
+    return (f"the GPU {torch.cuda.get_device_name(device)} (sm_{major}{minor}) has no kernels in "
+            f"torch {torch.__version__}, built for CUDA {torch.version.cuda} with {' '.join(arch)}: "
+            f"install a build that has sm_{major}{minor}, e.g. `pip install torch torchvision "
+            f"--index-url https://download.pytorch.org/whl/cu126` (CUDA 12.6: sm_50 to sm_90)")
 
 
 def pick_device(name="auto"):
     """The torch.device for --device. A device that cannot be used raises UserError with
-    the reason; auto falling back to the CPU beside an NVIDIA GPU says so loudly."""
-    mps_ok = torch.backends.mps.is_available()
+    the reason; so does auto beside an NVIDIA GPU that torch cannot use (a CPU run there
+    takes hours while the GPU idles: --device cpu asks for it)."""
+    given = name
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
-        if mps_ok:
+            name = "cuda"
+        elif torch.backends.mps.is_available():
             return torch.device("mps")
-        if message := unusable_gpu_message():
-            log.warning("TRAINING ON THE CPU: %s", message)
-        return torch.device("cpu")
+        elif message := unusable_gpu_message():
+            raise UserError(f"--device auto: {message}; to train on the CPU, pass --device cpu")
+        else:
+            return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name}: not a device; expected {DEVICES}") from None
+        raise UserError(f"--device {given}: not a device; expected {DEVICES}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: " + (unusable_gpu_message() or
+            raise UserError(f"--device {given}: " + (unusable_gpu_message() or
                             f"torch {torch.__version__} sees no CUDA GPU on this machine"))
         if (device.index or 0) >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    elif device.type == "mps" and not mps_ok:
-        raise UserError(f"--device {name}: Apple MPS is not available (it needs an Apple-silicon "
+            raise UserError(f"--device {given}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        if message := missing_kernels_message(device):
+            raise UserError(f"--device {given}: {message}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {given}: Apple MPS is not available (it needs an Apple-silicon "
                         f"Mac and a torch build with MPS)")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device {name}: expected {DEVICES}")
+        raise UserError(f"--device {given}: expected {DEVICES}")
     return device
 
 
@@ -179,13 +211,13 @@ def accumulator_dtype(device):
 
 
 def set_gpu_options(tf32=False, cudnn_benchmark=False):
-    """--tf32: TF32 float32 matrix products on CUDA. --cudnn_benchmark: cuDNN picks the
-    fastest convolution algorithms, not deterministically. Neither changes a CPU run."""
-    if tf32:
-        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-            torch.backends.cuda.matmul.fp32_precision = "tf32"
-        else:
-            torch.backends.cuda.matmul.allow_tf32 = True
+    """--tf32: TF32 in CUDA's matrix products and cuDNN's convolutions; without it both are
+    float32 (torch's own default has TF32 convolutions). Set, both ways, through the
+    allow_tf32 flags only: after the newer fp32_precision API, reading them raises, and
+    torch.compile reads them. --cudnn_benchmark: cuDNN picks the fastest convolution
+    algorithms, not deterministically. Neither changes a CPU run."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.backends.cudnn.deterministic = not cudnn_benchmark
 
@@ -211,31 +243,37 @@ def release_freed_memory():
         ctypes.CDLL(None).malloc_trim(0)
 
 
+@functools.cache
+def skips_on_the_device(optimizer_class, device):
+    """Whether optimizer_class, fused on device (a string), leaves a parameter alone when
+    handed found_inf = 1. Fused Adam does on CUDA and the CPU; on MPS not in every torch
+    release. Probed once per process, with one parameter of one element."""
+    p = torch.zeros(1, device=device, requires_grad=True)
+    p.grad = torch.ones_like(p)
+    probe = optimizer_class([p], fused=True)
+    probe.found_inf = torch.ones((), device=device)
+    probe.step()
+    return bool((p == 0).all())
+
+
 class NonFiniteGuard:
     """Keeps a step whose loss or gradient is not finite from reaching the weights, with no
-    host sync on a GPU: check() sets `found` on the device, step() hands it to fused Adam
-    as found_inf (GradScaler's device-side skip). MPS's fused kernel has not always
-    honoured found_inf, and plain Adam has none: there the flag is read on the host."""
+    host sync: check() sets `found` on the device from the gradients' largest magnitudes
+    (read, not written), step() hands it to fused Adam as found_inf (GradScaler's
+    device-side skip) where the kernel honours it; elsewhere (plain Adam, or a fused kernel
+    that ignores it) the flag is read on the host."""
 
     def __init__(self, optimizer, device):
         self.optimizer = optimizer
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.found = torch.zeros((), device=device)
-        self.one = torch.ones((), device=device)
-        self.device_side = bool(optimizer.defaults.get("fused")) and torch.device(device).type in ("cuda", "cpu")
-        self.foreach_check = True
+        self.device_side = bool(optimizer.defaults.get("fused")) and skips_on_the_device(
+            type(optimizer), str(device))
 
     def check(self, loss):
-        self.found.copy_(~torch.isfinite(loss))
         grads = [p.grad for p in self.params if p.grad is not None]
-        if self.foreach_check:
-            try:  # one pass over the gradients (multiplying by 1 is exact)
-                torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found, self.one)
-                return self.found
-            except (RuntimeError, NotImplementedError):  # a device without the kernel
-                self.foreach_check = False
-        norms = torch.stack(torch._foreach_norm(grads)) if grads else self.one
-        self.found.copy_(torch.maximum(self.found, (~torch.isfinite(norms.sum())).float()))
+        largest = torch.stack(torch._foreach_norm(grads, math.inf)).max() if grads else loss  # NaN stays NaN
+        self.found.copy_(~(torch.isfinite(loss) & torch.isfinite(largest)))
         return self.found
 
     def step(self):

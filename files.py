@@ -2,10 +2,14 @@
 then a rename, with text and JSON on top of it), the check that a path can be an output
 folder, the one error a user is shown, and the --help format."""
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import sys
+
+log = logging.getLogger("files")
 
 
 class UserError(Exception):
@@ -80,3 +84,20 @@ def out_dir_problem(path, option="--out_dir"):
         return None
     what = f"{option} {path}" if p == os.path.abspath(path) else f"{option} {path}: {p}"
     return f"{what} is a file, not a folder: give {option} a folder's path"
+
+
+@contextlib.contextmanager
+def held_lock(path, wait=False):
+    """Hold an flock on the file at path, for a process's writing in its folder: the system
+    drops it when the process ends, however it ends. Held by another process: wait, or
+    (wait=False) a UserError. Some network file systems have no flock (docs/runs.md)."""
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise UserError(f"{os.path.dirname(path) or '.'} is in use by another process (it holds "
+                            f"{path}); wait for that run to end, or choose another --out_dir") from None
+        except OSError as e:  # e.g. a Lustre mount without flock
+            log.warning("%s cannot be locked (%s): nothing stops a second process from writing there",
+                        path, e.strerror)
+        yield

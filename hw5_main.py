@@ -12,7 +12,6 @@ import argparse
 import logging
 import os
 import platform
-import re
 import sys
 import time
 
@@ -21,11 +20,12 @@ import torch
 from checkpoints import RunFiles, load_checkpoint, load_model_state
 from Dataset import build_dataset
 from devices import DeviceBatches, pick_device
-from files import HelpFormatter, UserError, command, out_dir_problem, read_json, write_json, write_text
+from files import (HelpFormatter, UserError, command, held_lock, out_dir_problem, read_json, write_json,
+                   write_text)
 from network import count_parameters, model_summary
-from results import (MODELS, REPORT, aggregate_results, check, compare_models, draw_comparison,
-                     draw_split_figures, keep_earlier_wall_seconds, read_predictions, redraw,
-                     results_markdown, seeds_markdown)
+from results import (MODELS, REPORT, aggregate_results, aggregate_seed_folders, check, compare_models,
+                     draw_comparison, draw_split_figures, holds_a_run, keep_earlier_wall_seconds,
+                     read_predictions, redraw, results_markdown, seed_runs, seeds_markdown)
 from synthetic.coco import make_synthetic_coco
 from train import (add_training_args, build_model, check_training_args, load_datasets,
                    make_criteria, seed_everything, train)
@@ -50,7 +50,14 @@ def mean_box_baseline(train_boxes, test_boxes):
 
 def prepare_demo_data(out_dir, drawn, progress=True):
     """The synthetic COCO tree drawn with drawn ({"n_train", "n_val", "synthetic_seed"}) and
-    built into OUT/data; a resumed demo reuses it, if it was drawn the same."""
+    built into OUT/data, once: a resumed demo, or a seed's task that finds another drawing
+    it (it waits), reuses it if it was drawn the same."""
+    os.makedirs(out_dir, exist_ok=True)
+    with held_lock(os.path.join(out_dir, ".demo_data.lock"), wait=True):
+        return draw_demo_data(out_dir, drawn, progress)
+
+
+def draw_demo_data(out_dir, drawn, progress):
     data_dir = os.path.join(out_dir, "data")
     record = os.path.join(out_dir, "demo_data.json")
     if os.path.exists(record):
@@ -74,10 +81,7 @@ def run_model(key, loss_name, datasets, out_dir, args, device):
     metrics and the figures. Returns (results per split, history)."""
     train_set, test_set, val_set = datasets
     run_dir = os.path.join(out_dir, key)
-    # With --resume a model that has started goes on (finished, it is only evaluated);
-    # one that never started starts.
-    args = argparse.Namespace(**{**vars(args), "loss": key,
-                                 "resume": args.resume and RunFiles(run_dir).holds_a_run()})
+    args = argparse.Namespace(**{**vars(args), "loss": key})
     seed_everything(args.seed)  # both models start from the same seeded weights
     model, history = train(build_model(args), train_set, test_set, run_dir, args, device, val_set,
                            progress=not args.quiet)
@@ -153,18 +157,6 @@ def run_experiment(args, out_dir, datasets, device, t_start):
     return results
 
 
-def holds_a_run(out_dir):
-    return any(RunFiles(os.path.join(out_dir, key)).holds_a_run() for key, _ in MODELS)
-
-
-def seed_runs(out_dir):
-    """The seeds of OUT/seed{k}/ folders that hold a run, sorted."""
-    if not os.path.isdir(out_dir):
-        return []
-    return sorted(int(d[4:]) for d in os.listdir(out_dir)
-                  if re.fullmatch(r"seed(0|[1-9]\d*)", d) and holds_a_run(os.path.join(out_dir, d)))
-
-
 def check_layout(out_dir, held, seeds, resume):
     """Refuse to mix a single run and a --seeds run in one OUT (held: the seeds of its
     seed{k}/ runs), or to start over on a run without --resume."""
@@ -198,6 +190,13 @@ def get_args_parser():
     g.add_argument("--seeds", type=int, nargs="+",
                    help="the experiment once per training seed, into OUT/seed{k}/, with the spread "
                         "over seeds in OUT/results.json and results.md")
+    g.add_argument("--seed_index", type=int,
+                   help="with --seeds: run only the seed at this 0-based place of the list (an array "
+                        "task's index, e.g. $SLURM_ARRAY_TASK_ID), into its OUT/seed{k}/; --aggregate "
+                        "then writes what --seeds writes (docs/runs.md)")
+    g.add_argument("--aggregate", action="store_true",
+                   help="OUT/results.json and results.md from the finished OUT/seed{k}/ runs (of "
+                        "--seeds, or every one there); no model runs (default: False)")
     g.add_argument("--redraw", action="store_true",
                    help="draw every figure of a finished OUT again from its saved predictions and "
                         "DATA (the run's, or --data_dir); no model runs")
@@ -222,7 +221,7 @@ def get_args_parser():
 def resolve_args(args, parser=None):
     """Fill the options left unset: the demo's values with --demo, else the report's."""
     parser = parser or get_args_parser()
-    if args.redraw or args.check:
+    if args.redraw or args.check or args.aggregate:
         return args
     if args.demo == bool(args.data_dir):
         raise UserError("give --data_dir DATA (a dataset built by Dataset.py) or --demo, one of the two")
@@ -239,6 +238,11 @@ def resolve_args(args, parser=None):
             raise UserError("give --seed or --seeds, not both")
         if len(set(args.seeds)) != len(args.seeds):
             raise UserError(f"--seeds {' '.join(map(str, args.seeds))}: each seed once")
+        if args.seed_index is not None and not 0 <= args.seed_index < len(args.seeds):
+            raise UserError(f"--seed_index {args.seed_index}: --seeds lists {len(args.seeds)} seeds, so "
+                            f"it lies between 0 and {len(args.seeds) - 1}")
+    elif args.seed_index is not None:
+        raise UserError("--seed_index picks one of --seeds: give --seeds too")
     if args.seed is None:
         args.seed = args.seeds[0] if args.seeds else 0
     return args
@@ -249,6 +253,10 @@ def main(args):
         drawn = redraw(args.out_dir, args.data_dir)
         log.info("redrew %d figures in %s from its predictions and histories", len(drawn), args.out_dir)
         return drawn
+    if args.aggregate:
+        results = aggregate_seed_folders(args.out_dir, args.seeds)
+        print(seeds_markdown(results))
+        return results
     if args.check:
         checked, problems = check(args.out_dir, args.data_dir, pick_device(args.device))
         print("\n".join(checked + [f"MISMATCH {p}" for p in problems]))
@@ -259,9 +267,12 @@ def main(args):
     if problem := out_dir_problem(out_dir):
         raise UserError(problem)
     held = seed_runs(out_dir)
-    if args.seeds and len(args.seeds) == 1 and not held:
+    if args.seeds and len(args.seeds) == 1 and not held and args.seed_index is None:
         args.seeds = None  # one seed is a plain run, except in the OUT of a --seeds run
     seeds = args.seeds or [args.seed]
+    if args.seed_index is not None:  # one array task: its own seed{k}/ is all it reads or writes
+        seeds = [args.seeds[args.seed_index]]
+        held = [k for k in held if k in seeds]
     run_dirs = {seed: os.path.join(out_dir, f"seed{seed}") if args.seeds else out_dir for seed in seeds}
     check_layout(out_dir, held, args.seeds, args.resume)
     device = pick_device(args.device)
@@ -278,10 +289,12 @@ def main(args):
         if args.seeds:
             log.info("seed %d of %s: %s", seed, " ".join(map(str, seeds)), run_dir)
         run_args = argparse.Namespace(**{**vars(args), "seed": seed, "seeds": None})
-        # A single run's wall time counts from the command's start (data included).
-        per_seed[seed] = run_experiment(run_args, run_dir, datasets, device,
-                                        time.perf_counter() if args.seeds else t_start)
-    if args.seeds:
+        os.makedirs(run_dir, exist_ok=True)
+        with held_lock(os.path.join(run_dir, ".lock")):  # one process writes an experiment
+            # A single run's wall time counts from the command's start (data included).
+            per_seed[seed] = run_experiment(run_args, run_dir, datasets, device,
+                                            time.perf_counter() if args.seeds else t_start)
+    if args.seeds and args.seed_index is None:
         results = aggregate_results(per_seed, round(time.perf_counter() - t_start, 1))
         if args.resume:
             keep_earlier_wall_seconds(results["settings"], os.path.join(out_dir, "results.json"))
@@ -289,7 +302,7 @@ def main(args):
         write_json(results, os.path.join(out_dir, "results.json"))
         write_text(markdown, os.path.join(out_dir, "results.md"))
     else:
-        results = per_seed[args.seed]
+        results = per_seed[seeds[0]]
         markdown = results_markdown(results)
     print(markdown)
     log.info("outputs in %s (results.md, results.json, figures; models in %s)", out_dir,

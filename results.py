@@ -4,6 +4,7 @@ read-only check a TA runs on a handed-in OUT (--check)."""
 import logging
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -11,7 +12,7 @@ import torch
 from checkpoints import RunFiles, load_checkpoint, load_model_state
 from Dataset import CLASS_NAMES, MyCOCODataset
 from devices import DeviceBatches
-from files import UserError, read_json
+from files import UserError, read_json, write_json, write_text
 from network import HW5Net
 from utils import (box_iou_per_image, coco_ground_truth, coco_metrics, confusion_matrix,
                    display_comparison, display_preds, evaluation, plot_cm, plot_history,
@@ -43,11 +44,21 @@ DEMO_NOTE = ["Demo run on synthetic data (drawn buses, cats and pizzas). The rep
              "are for COCO 2014 and are shown for scale only.", ""]
 
 
+def holds_a_run(out_dir):
+    return any(RunFiles(os.path.join(out_dir, key)).holds_a_run() for key, _ in MODELS)
+
+
+def seed_runs(out_dir):
+    """The seeds of OUT/seed{k}/ folders that hold a run, sorted."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(int(d[4:]) for d in os.listdir(out_dir)
+                  if re.fullmatch(r"seed(0|[1-9]\d*)", d) and holds_a_run(os.path.join(out_dir, d)))
+
+
 def run_dirs(out_dir):
     """The experiment folders of an OUT: its seed{k}/ folders, or OUT itself."""
-    seeds = sorted(d for d in os.listdir(out_dir)
-                   if d.startswith("seed") and os.path.isdir(os.path.join(out_dir, d, "ciou")))
-    return [os.path.join(out_dir, d) for d in seeds] or [out_dir]
+    return [os.path.join(out_dir, f"seed{k}") for k in seed_runs(out_dir)] or [out_dir]
 
 
 # ---------------------------------------------------------------------------------
@@ -172,6 +183,26 @@ def aggregate_results(per_seed, wall_seconds):
     settings.update(seeds=seeds, wall_seconds=wall_seconds)
     return {"seeds": seeds, "aggregate": aggregate, "per_seed": {str(s): per_seed[s] for s in seeds},
             "baseline": first["baseline"], "report": REPORT, "settings": settings}
+
+
+def aggregate_seed_folders(out_dir, seeds=None):
+    """OUT/results.json and results.md of a --seeds run whose seeds ran as separate processes
+    (--seed_index): the files --seeds writes in one process. Each seed (of seeds, or every
+    seed{k}/ of OUT) must have finished, that is, written its seed{k}/results.json; the wall
+    time is the seeds' own, summed."""
+    seeds = seeds or seed_runs(out_dir)
+    if not seeds:
+        raise UserError(f"{out_dir} holds no seed{{k}}/ runs: nothing to aggregate")
+    paths = {k: os.path.join(out_dir, f"seed{k}", "results.json") for k in seeds}
+    unfinished = [k for k, path in paths.items() if not os.path.exists(path)]
+    if unfinished:
+        raise UserError(f"{out_dir}: seed(s) {' '.join(map(str, unfinished))} of {' '.join(map(str, seeds))} "
+                        f"have not finished (no results.json in their seed{{k}}/): run them first")
+    per_seed = {k: read_json(path, "the results.json of hw5_main.py") for k, path in paths.items()}
+    results = aggregate_results(per_seed, round(sum(r["settings"]["wall_seconds"] for r in per_seed.values()), 1))
+    write_json(results, os.path.join(out_dir, "results.json"))
+    write_text(seeds_markdown(results), os.path.join(out_dir, "results.md"))
+    return results
 
 
 def seeds_markdown(results):

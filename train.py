@@ -21,12 +21,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from checkpoints import (CheckpointWriter, RunFiles, check_same_settings, checkpoint_state,
-                         host_copy, load_checkpoint, restore, save)
+from checkpoints import (CheckpointWriter, RunFiles, StopOnSigterm, best_weights, check_same_settings,
+                         checkpoint_state, host_copy, load_checkpoint, restore, save)
 from Dataset import MyCOCODataset
 from devices import (DEVICE_HELP, DeviceBatches, NonFiniteGuard, accumulator_dtype, autocast, autocast_problem,
                      pick_device, release_freed_memory, reuse_freed_memory, set_gpu_options)
-from files import HelpFormatter, UserError, command, out_dir_problem, write_json
+from files import HelpFormatter, UserError, command, held_lock, out_dir_problem, write_json
 from network import ARCHITECTURE, HW5Net
 from utils import CompleteIOULoss, box_iou_per_image, evaluation, order_boxes
 
@@ -173,26 +173,28 @@ def run_settings(args, device):
     rebuild the model), the device, and the paths made absolute."""
     settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
     settings["device"] = str(device)
-    for path in ("data_dir", "out_dir"):
-        if settings.get(path):
-            settings[path] = os.path.abspath(settings[path])
+    settings.update({k: os.path.abspath(settings[k]) for k in ("data_dir", "out_dir") if settings.get(k)})
     return settings
 
 
 def train(model, train_set, test_set, out_dir, args, device, val_set=None, progress=True):
     """Train model for args.epochs, evaluating test_set (and val_set) after each epoch and
     keeping the best by the report's rule. Returns (model, history). With args.resume the
-    run goes on from checkpoint.pt (or starts again if it stopped before its first), and
-    a finished run is returned as it is."""
+    run goes on from checkpoint.pt or, in an empty out_dir, starts (one command for the first
+    start and every requeue); a finished run is returned as it is. out_dir is locked while
+    the run writes; SIGTERM stops it after the epoch in progress, with a checkpoint."""
     files = RunFiles(out_dir)
-    if args.resume and not files.holds_a_run():
-        raise UserError(f"nothing to resume in {out_dir}: no checkpoint.pt or history.json (run "
-                        f"without --resume to start)")
     if files.holds_a_run() and not args.resume:
         raise UserError(f"{out_dir} already holds a run; pass --resume to continue it, or choose "
                         f"another --out_dir")
     check_training_args(args, device, len(train_set))
     os.makedirs(out_dir, exist_ok=True)
+    with held_lock(os.path.join(out_dir, ".lock")), StopOnSigterm() as stop:
+        return train_locked(model, train_set, test_set, files, args, device, val_set, progress, stop)
+
+
+def train_locked(model, train_set, test_set, files, args, device, val_set, progress, stop):
+    """train() once its folder is locked."""
     files.remove_partial_writes()
     seed_everything(args.seed)
     set_gpu_options(args.tf32, args.cudnn_benchmark)
@@ -202,8 +204,9 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
     if args.resume and os.path.exists(files.history) and files.read_history()["finished"]:
         if done := files.finished(args.epochs, settings, model):
             return done
-    elif args.resume and not resuming:
-        log.info("%s has no checkpoint yet: starting again from epoch 1", out_dir)
+    elif not resuming:
+        log.info("%s in %s", "starting again from epoch 1 (no checkpoint yet)"
+                 if files.holds_a_run() else "starting a new run", files.out_dir)
     if device.type == "cpu" and not args.system_malloc and reuse_freed_memory():
         log.info("malloc keeps freed blocks for reuse (--system_malloc leaves it alone)")
     optimizer = make_optimizer(model, args.lr, (args.beta1, args.beta2))
@@ -215,9 +218,8 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
                  len(train_set), args.batch_size, len(train_set) % args.batch_size)
     train_batches = DeviceBatches(train_set, args.batch_size, device, generator, args.augment, drop_last)
     lr = LearningRate(args.lr, args.lr_schedule, args.epochs, len(train_batches), args.warmup_epochs)
-    eval_batches = {"test": DeviceBatches(test_set, args.eval_batch_size, device)}
-    if val_set is not None:
-        eval_batches["val"] = DeviceBatches(val_set, args.eval_batch_size, device)
+    eval_batches = {split: DeviceBatches(data, args.eval_batch_size, device)
+                    for split, data in (("test", test_set), ("val", val_set)) if data is not None}
     select_on = "val" if val_set is not None else "test"
     history = {split: {m: [] for m in METRICS} for split in ["train", *eval_batches]}
     history.update(epoch_seconds=[], save_seconds=[], skipped_steps=[], best_epoch=None,
@@ -231,14 +233,14 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
         restore(ckpt, files.checkpoint, model, optimizer, generator, device)
         files.commit_best(ckpt)
         history, start_epoch = ckpt["history"], ckpt["epoch"] + 1
-        log.info("resumed from %s after epoch %d", files.checkpoint, ckpt["epoch"])
+        log.info("continuing the run in %s after epoch %d", files.out_dir, ckpt["epoch"])
         del ckpt
     history.update(settings=settings, finished=False)
     log.info("training HW5Net with %s on %s: %d train, %d %s images, %d epochs, batch %d",
              loss_name, device, len(train_set), len(eval_batches[select_on].dataset), select_on,
              args.epochs, args.batch_size)
     writer = CheckpointWriter(files, background=device.type == "cuda")
-    best_state = None  # the best epoch's weights, in host memory until best_model.pt has them
+    best_state = None  # the best epoch's weights, until best_model.pt has them
     since_checkpoint = time.perf_counter()
     try:
         for epoch in range(start_epoch, args.epochs + 1):
@@ -258,10 +260,10 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
             score = selection_score({m: history[select_on][m][-1] for m in METRICS})
             if history["best_score"] is None or score > history["best_score"]:
                 history["best_score"], history["best_epoch"] = score, epoch
-                best_state = host_copy(model.state_dict())
+                best_state = best_weights(model)
             log_epoch(history, epoch, args.epochs, select_on)
             last = epoch == args.epochs
-            due = time.perf_counter() - since_checkpoint >= 60 * args.checkpoint_minutes
+            due = time.perf_counter() - since_checkpoint >= 60 * args.checkpoint_minutes or stop.requested
             if (due and not last) or (last and args.keep_checkpoint):
                 history["save_seconds"] += writer.wait()
                 state = checkpoint_state(model, optimizer, epoch, history, generator, device, settings)
@@ -269,13 +271,16 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
                 best_state = None
                 since_checkpoint = time.perf_counter()
             write_json(history, files.history)
+            if stop.requested and not last:
+                writer.wait()
+                raise UserError(f"stopped by SIGTERM after epoch {epoch} of {args.epochs}, with a "
+                                f"checkpoint: the same command with --resume goes on")
         if best_state is not None:
             writer.write_best(args.epochs, best_state)
             best_state = None
         history["save_seconds"] += writer.wait()
     finally:
-        # Stopped by an error or Ctrl-C: a write in progress is finished and the best
-        # weights so far are kept. (After a kill, --resume recomputes them.)
+        # Stopped by an error or Ctrl-C: finish a write, keep the best weights so far.
         if best_state is not None or writer.thread is not None:
             with contextlib.suppress(Exception):
                 writer.wait()
@@ -361,7 +366,8 @@ def add_training_args(p):
                         "the last (0: every epoch)")
     g.add_argument("--keep_checkpoint", action="store_true",
                    help="keep checkpoint.pt (2.5 GB) when the run ends, to train it further later")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out_dir")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out_dir, or start it there if there is none")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

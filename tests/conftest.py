@@ -33,3 +33,14 @@ def synthetic_data(synthetic_tree, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("synthetic_data"))
     summaries = build_dataset(synthetic_tree, out, year=2014, workers=2, progress=False)
     return out, summaries
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """About 14 train and 6 test images, for tests of the training machinery."""
+    from Dataset import build_dataset
+    from synthetic.coco import make_synthetic_coco
+    root = tmp_path_factory.mktemp("tiny")
+    make_synthetic_coco(str(root / "coco"), n_train=16, n_val=8, seed=1)
+    build_dataset(str(root / "coco"), str(root / "data"), workers=1, progress=False, figure=False)
+    return str(root / "data")

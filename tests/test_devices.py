@@ -1,6 +1,5 @@
 """Device paths, each tested on the CPU: choosing the device, checkpoints that resume on any
 device, the running sums Apple MPS can hold, bfloat16 autocast (--amp)."""
-import argparse
 import logging
 import os
 import subprocess
@@ -33,17 +32,17 @@ def no_gpu(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
 
 
-def test_a_gpu_torch_cannot_use_is_said_loudly_and_cuda_fails_with_the_fix(no_gpu, monkeypatch, caplog):
-    """An A100 node whose driver is older than the CUDA that pip's torch was built for."""
+def test_a_gpu_torch_cannot_use_stops_auto_with_the_fix(no_gpu, monkeypatch):
+    """An A100 node whose driver is older than the CUDA that pip's torch was built for:
+    auto does not fall back to hours on the CPU; --device cpu asks for that."""
     monkeypatch.setattr(devices, "nvidia_driver_info", lambda: ("535.104.05", "12.2"))
-    with caplog.at_level(logging.WARNING, logger="devices"):
-        assert devices.pick_device("auto") == CPU
-    [record] = caplog.records
-    assert record.levelno == logging.WARNING and "\n" not in record.getMessage()
-    assert "TRAINING ON THE CPU" in record.getMessage() and "driver 535.104.05" in record.getMessage()
-    assert "CUDA up to 12.2" in record.getMessage() and "pip install torch" in record.getMessage()
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with pytest.raises(UserError, match=r"--device auto: this machine has an NVIDIA GPU \(NVIDIA driver "
+                       r"535.104.05, which supports CUDA up to 12.2\) .*pip install torch.*pass --device cpu"):
+        devices.pick_device("auto")
     with pytest.raises(UserError, match=r"--device cuda: this machine has an NVIDIA GPU .*cannot use it: install"):
         devices.pick_device("cuda")
+    assert devices.pick_device("cpu") == CPU
 
 
 def test_devices_that_cannot_be_used_fail_with_one_line(no_gpu, monkeypatch, caplog):
@@ -223,22 +222,12 @@ def test_training_and_evaluation_make_no_float64_tensor_with_mps_sums(monkeypatc
 # ---------------------------------------------------------------------------------
 # --amp: bfloat16 autocast on any device, the CPU included
 # ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    from Dataset import build_dataset
-    from synthetic.coco import make_synthetic_coco
-    root = tmp_path_factory.mktemp("amp")
-    make_synthetic_coco(str(root / "coco"), n_train=16, n_val=8, seed=1)
-    build_dataset(str(root / "coco"), str(root / "data"), workers=1, progress=False, figure=False)
-    return str(root / "data")
-
-
-def test_amp_trains_on_the_cpu(small_data, tmp_path):
+def test_amp_trains_on_the_cpu(tiny_data, tmp_path):
     """--amp on the CPU runs the forward passes in bfloat16 (the path CUDA and MPS take) and
     trains: finite numbers, no skipped step, a falling loss. (A small HW5Net: bfloat16 on a
     CPU without native support for it is slow.)"""
     args = train.get_args_parser().parse_args(
-        ["--data_dir", small_data, "--out_dir", str(tmp_path / "run"), "--batch_size", "4",
+        ["--data_dir", tiny_data, "--out_dir", str(tmp_path / "run"), "--batch_size", "4",
          "--epochs", "2", "--amp", "--device", "cpu", "--quiet", "--width", "2", "--n_blocks", "1"])
     seen = []
     original = HW5Net.forward
@@ -263,13 +252,113 @@ def test_amp_trains_on_the_cpu(small_data, tmp_path):
 
 def test_a_gpu_hidden_by_cuda_visible_devices_or_unusable_for_another_reason_is_named(no_gpu, monkeypatch):
     """The fix named is the one that applies: not a reinstall when CUDA_VISIBLE_DEVICES hides
-    the GPU, nor when the driver supports torch's CUDA version."""
+    the GPU (Slurm's NoDevFiles included), nor when the driver supports torch's CUDA
+    version, nor when that is unknown (then torch's own reason is what to read)."""
     monkeypatch.setattr(devices, "nvidia_driver_info", lambda: ("580.65.06", "13.0"))
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert "CUDA_VISIBLE_DEVICES='' hides it" in devices.unusable_gpu_message()
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    for hidden in ("", "-1", "NoDevFiles"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert f"CUDA_VISIBLE_DEVICES={hidden!r} hides it" in devices.unusable_gpu_message()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     message = devices.unusable_gpu_message()
     assert "which that driver supports, yet torch cannot use it" in message and "pip install" not in message
     monkeypatch.setattr(torch.version, "cuda", "13.2")
     assert "pip install torch" in devices.unusable_gpu_message()
+    monkeypatch.setattr(devices, "nvidia_driver_info", lambda: ("580.65.06", None))  # only /proc readable
+    message = devices.unusable_gpu_message()
+    assert "the CUDA version the driver supports is unknown" in message and "pip install" not in message
+    assert 'python -c "import torch; torch.cuda.init()"' in message
+
+
+@pytest.mark.parametrize("capability, arch, runs", [
+    ((7, 0), ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"], False),  # V100, CUDA 13
+    ((8, 6), ["sm_75", "sm_80", "sm_90", "compute_90"], True),   # A10: sm_80's cubins run on 8.6
+    ((8, 0), ["sm_75", "sm_86", "compute_86"], False),           # an A100 below every kernel but sm_75's
+    ((12, 1), ["sm_90", "sm_120"], True),
+    ((9, 0), ["sm_80", "compute_80"], True),                     # PTX for 8.0, compiled for 9.0 at load
+    ((9, 0), ["sm_80", "sm_90a"], False),                        # sm_90a is for 9.0a only
+], ids=["V100 under CUDA 13", "A10", "A100 without sm_80", "12.1 on sm_120", "PTX", "arch-specific only"])
+def test_a_gpu_without_kernels_in_the_build_is_caught_before_training(monkeypatch, capability, arch, runs):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: arch)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    if runs:
+        assert devices.pick_device("cuda:0") == torch.device("cuda:0")
+        assert devices.pick_device("auto") == torch.device("cuda")
+        return
+    sm = f"sm_{capability[0]}{capability[1]}"
+    for name in ("auto", "cuda"):
+        with pytest.raises(UserError, match=rf"--device {name}: the GPU Tesla V100-SXM2-32GB \({sm}\) has no "
+                           rf"kernels in torch .* install a build that has {sm}, e.g. .*cu126"):
+            devices.pick_device(name)
+
+
+class IgnoresFoundInf(torch.optim.Adam):
+    """A fused Adam that steps whatever found_inf says (as MPS's in some torch releases)."""
+
+    def step(self, closure=None):
+        self.__dict__.pop("found_inf", None)
+        return super().step(closure)
+
+
+def test_the_device_side_skip_is_used_only_where_the_kernel_honours_it():
+    assert devices.skips_on_the_device(torch.optim.Adam, "cpu") is True
+    assert devices.skips_on_the_device(IgnoresFoundInf, "cpu") is False
+    model = TinyNet()
+    guard = devices.NonFiniteGuard(IgnoresFoundInf(model.parameters(), fused=True), CPU)
+    assert not guard.device_side  # so the flag is read on the host, and the step skipped there
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    assert guard.check(torch.tensor(1.0)) == 1
+    guard.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+class Writes(TorchDispatchMode):
+    """The storages every op under it writes to (its schema's Tensor(a!) arguments)."""
+
+    def __enter__(self):
+        self.written = set()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for arg, value in zip(func._schema.arguments, args):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                self.written |= {t.untyped_storage().data_ptr() for t in tree_leaves(value)
+                                 if isinstance(t, torch.Tensor)}
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
+def test_the_non_finite_check_reads_the_gradients_and_writes_only_its_flag(bad):
+    model = TinyNet()
+    model(torch.rand(2, 3, 4, 4))[1].sum().backward()
+    if bad is not None:
+        model.fc.bias.grad[5] = bad
+    guard = devices.NonFiniteGuard(torch.optim.Adam(model.parameters(), fused=True), CPU)
+    with Writes() as ops:
+        found = guard.check(torch.tensor(0.5))
+    grads = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
+    assert not ops.written & grads and ops.written == {guard.found.untyped_storage().data_ptr()}
+    assert float(found) == (bad is not None)
+    assert float(guard.check(torch.tensor(float("nan")))) == 1  # a non-finite loss alone
+
+
+def test_the_best_weights_are_kept_on_the_models_device_not_copied_to_the_host(tiny_data, tmp_path, monkeypatch):
+    """A meta-device model stands in for a GPU's: its copy stays there (a host copy of a meta
+    tensor fails). In training, no host copy is made unless a checkpoint is written."""
+    kept = checkpoints.best_weights(torch.nn.Linear(3, 2, device="meta"))
+    assert {v.device.type for v in kept.values()} == {"meta"}
+    model = torch.nn.Linear(3, 2)
+    kept = checkpoints.best_weights(model)
+    assert torch.equal(kept["weight"], model.weight) and kept["weight"].data_ptr() != model.weight.data_ptr()
+    copies = []
+    monkeypatch.setattr(train, "host_copy", lambda obj: copies.append(obj) or checkpoints.host_copy(obj))
+    args = train.get_args_parser().parse_args(["--data_dir", tiny_data, "--out_dir", str(tmp_path / "run"),
+                                               "--epochs", "2", "--batch_size", "4", "--quiet", "--width",
+                                               "2", "--n_blocks", "1", "--device", "cpu"])
+    history = train.main(args)
+    assert history["best_epoch"] in (1, 2) and copies == []

@@ -2,14 +2,18 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import hw5_main
 import results
-from devices import pick_device
 from files import UserError
+from tiny import DEVICE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FIGURES = [f"{model}_{split}_{kind}.png" for model in ("ciou", "mse")
            for split in ("train", "test") for kind in ("cm", "preds")] + [
@@ -29,7 +33,7 @@ def parse(*argv):
 def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
     out = str(tmp_path / "demo")
     results = hw5_main.main(parse("--demo", "--out_dir", out, "--n_train", "24", "--n_val", "12",
-                                  "--epochs", "1", "--batch_size", "4", "--quiet"))
+                                  "--epochs", "1", "--batch_size", "4", "--quiet", "--device", DEVICE))
     # The demo made and built its data inside OUT.
     assert os.path.exists(os.path.join(out, "synthetic_coco", "annotations", "instances_train2014.json"))
     assert os.path.exists(os.path.join(out, "data", "sample_images.png"))
@@ -37,7 +41,7 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     for model in ("ciou", "mse"):  # finished: no checkpoint.pt (2.5 GB each) is left
         assert sorted(os.listdir(os.path.join(out, model))) == [
-            "best_model.pt", "coco_results_test.json", "coco_results_train.json", "history.json",
+            ".lock", "best_model.pt", "coco_results_test.json", "coco_results_train.json", "history.json",
             "predictions_test.json", "predictions_train.json"]
     leftovers = [f for _, _, files in os.walk(out) for f in files if ".tmp" in f]
     assert leftovers == []
@@ -68,7 +72,7 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
             sum(d > 0 for d in diff), sum(d < 0 for d in diff), sum(d == 0 for d in diff))
         assert c["n_images"] == n and c["mean_iou_difference"] == pytest.approx(sum(diff) / n)
     s = saved["settings"]
-    assert s["demo"] is True and s["epochs"] == 1 and s["device"] == str(pick_device("auto"))
+    assert s["demo"] is True and s["epochs"] == 1 and s["device"] == DEVICE
     assert s["backward"] == "single" and s["parameters"] == 211_083_307
     assert 0.0 < saved["baseline"]["mean_box_test_iou"] < 1.0
 
@@ -113,7 +117,7 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
     # The best CIoU model's weights give the recorded test accuracy.
     from Dataset import MyCOCODataset
     from network import HW5Net
-    device = pick_device("auto")
+    device = torch.device(DEVICE)
     model = HW5Net()
     model.load_state_dict(torch.load(os.path.join(out, "ciou", "best_model.pt"), weights_only=True))
     model.to(device).eval()
@@ -129,7 +133,7 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
         return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
                 for d, _, files in os.walk(out) for f in files}
     before = tree()
-    assert hw5_main.main(parse("--out_dir", out, "--check", "--device", "cpu")) == []
+    assert hw5_main.main(parse("--out_dir", out, "--check", "--device", DEVICE)) == []
     assert tree() == before
     results_path = os.path.join(out, "results.json")
     with open(results_path) as f:
@@ -139,7 +143,7 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
     tampered["ciou"]["train"]["confusion_matrix"][0][0] += 1
     with open(results_path, "w") as f:
         json.dump(tampered, f)
-    problems = hw5_main.main(parse("--out_dir", out, "--check", "--device", "cpu"))
+    problems = hw5_main.main(parse("--out_dir", out, "--check", "--device", DEVICE))
     assert len(problems) == 3  # the matrix; the accuracy from the predictions and evaluated again
     assert any("MSE test: accuracy" in p for p in problems)
     assert any("CIoU train: confusion_matrix" in p for p in problems)
@@ -152,7 +156,7 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
     tampered[0]["pred_box"] = tampered[0]["box"]  # its IoU 1, the record's left as it was
     with open(predictions_path, "w") as f:
         json.dump(tampered, f)
-    problems = hw5_main.main(parse("--out_dir", out, "--check", "--device", "cpu"))
+    problems = hw5_main.main(parse("--out_dir", out, "--check", "--device", DEVICE))
     assert len(problems) == 1 and "CIoU test: mean_iou" in problems[0], problems
     with open(predictions_path, "w") as f:
         f.write(original)
@@ -163,7 +167,7 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
         hw5_main.main(parse("--demo", "--out_dir", out, "--n_train", "24", "--quiet"))
     with pytest.raises(UserError, match="was drawn with --n_train 24 .now 30.; give the same options"):
         hw5_main.main(parse("--demo", "--out_dir", out, "--n_train", "30", "--n_val", "12", "--epochs", "1",
-                            "--batch_size", "4", "--quiet", "--resume"))
+                            "--batch_size", "4", "--quiet", "--resume", "--device", DEVICE))
     with pytest.raises(UserError, match="holds a single run"):
         hw5_main.main(parse("--out_dir", out, "--seeds", "0", "1", "--resume", *TINY_DEMO))
     assert "- n_val (images held out of training for validation, --val_fraction): 0" in md
@@ -175,7 +179,7 @@ def test_demo_on_a_tiny_synthetic_set_writes_every_output(tmp_path):
     os.remove(os.path.join(out, "results.json"))
     ciou_best_mtime = os.path.getmtime(os.path.join(out, "ciou", "best_model.pt"))
     resumed = hw5_main.main(parse("--demo", "--out_dir", out, "--n_train", "24", "--n_val", "12",
-                                  "--epochs", "1", "--batch_size", "4", "--quiet", "--resume"))
+                                  "--epochs", "1", "--batch_size", "4", "--quiet", "--resume", "--device", DEVICE))
     assert os.path.getmtime(os.path.join(out, "ciou", "best_model.pt")) == ciou_best_mtime
     for model in ("ciou", "mse"):
         for split in ("train", "test"):
@@ -291,6 +295,47 @@ def test_seeds_run_the_experiment_per_seed_and_aggregate_their_spread(tmp_path):
     one = hw5_main.main(parse("--out_dir", out, "--seeds", "0", "--resume", *TINY_DEMO))
     assert one["seeds"] == [0] and "earlier_wall_seconds" not in one["settings"]
     assert one["aggregate"]["ciou"]["test"]["accuracy"]["mean"] == saved["per_seed"]["0"]["ciou"]["test"]["accuracy"]
+
+
+TIMINGS = ("wall_seconds", "earlier_wall_seconds", "train_seconds", "save_seconds")
+
+
+def without_timings(obj):
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if k not in TIMINGS}
+    return [without_timings(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def test_seeds_run_as_separate_processes_and_aggregated_equal_one_process(tmp_path):
+    """Two array tasks (--seed_index 0 and 1, each its own process, one building the demo's
+    data while the other waits for it) and then --aggregate write what --seeds writes in
+    one process; only timings differ. A seed not finished is named."""
+    together = str(tmp_path / "together")
+    hw5_main.main(parse("--out_dir", together, "--seeds", "0", "1", *TINY_DEMO))
+    apart = str(tmp_path / "apart")
+    task = [sys.executable, "hw5_main.py", "--out_dir", apart, "--seeds", "0", "1", "--resume", *TINY_DEMO]
+    tasks = [subprocess.Popen([*task, "--seed_index", str(i)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    logs = [t.communicate(timeout=600)[0] for t in tasks]
+    assert [t.returncode for t in tasks] == [0, 0], logs
+    assert sum("reusing the dataset" in log for log in logs) == 1  # built once
+    assert all("starting a new run in" in log for log in logs)
+    assert not os.path.exists(os.path.join(apart, "results.json"))  # a task writes its seed only
+    with pytest.raises(UserError, match=r"seed\(s\) 2 of 0 1 2 have not finished"):
+        hw5_main.main(parse("--out_dir", apart, "--aggregate", "--seeds", "0", "1", "2"))
+    aggregated = hw5_main.main(parse("--out_dir", apart, "--aggregate"))
+    with open(os.path.join(together, "results.json")) as f:
+        one_process = json.load(f)
+    with open(os.path.join(apart, "results.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(aggregated))
+    for results_json in (one_process, aggregated):  # the seeds' own paths differ, not their numbers
+        for run in [results_json, *results_json["per_seed"].values()]:
+            run["settings"].pop("data_dir")
+    assert without_timings(json.loads(json.dumps(aggregated))) == without_timings(one_process)
+    with open(os.path.join(apart, "results.md")) as f:
+        assert "over seeds 0, 1" in f.read()
+    with pytest.raises(UserError, match="--seed_index 2: --seeds lists 2 seeds"):
+        parse("--out_dir", apart, "--seeds", "0", "1", "--seed_index", "2", *TINY_DEMO)
 
 
 def test_one_seed_is_a_plain_run_and_seed_with_seeds_is_refused(tmp_path):

@@ -1,5 +1,11 @@
-"""A stand-in network for tests of the training machinery: 4x4 images, one linear layer."""
+"""What tests share: a stand-in network for the training machinery (4x4 images, one linear
+layer), and DEVICE."""
+import torch
 from torch import nn
+
+# Tests that work on any device train on CUDA where torch can use it (as the GPU script runs
+# the suite), else on the CPU; a test that needs the CPU asks for it.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class TinyNet(nn.Module):
