@@ -69,6 +69,12 @@ def best_weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def on_host(weights):
+    """best_weights() moved to the host as they are written: a plain torch.load of
+    best_model.pt then works on any machine."""
+    return {k: v.cpu() for k, v in weights.items()}
+
+
 class StopOnSigterm:
     """While training: SIGTERM (a Slurm preemption, `kill`) sets `requested` instead of
     ending the process, so that the run stops after the epoch in progress with a
@@ -233,7 +239,7 @@ class CheckpointWriter:
     def write_best(self, epoch, best_state):
         """The best model alone, straight to best_model.pt (the run's end)."""
         self.wait()
-        self._timed(epoch, best_state, self.files.best)
+        self._timed(epoch, on_host(best_state), self.files.best)
 
     def wait(self):
         """Wait for a write in progress; returns (and forgets) the finished writes' timings."""
@@ -259,7 +265,7 @@ class CheckpointWriter:
     def _write(self, epoch, checkpoint, best_state):
         try:
             if best_state is not None:
-                self._timed(epoch, best_state, self.files.best_next(epoch))
+                self._timed(epoch, on_host(best_state), self.files.best_next(epoch))
             self._timed(epoch, checkpoint, self.files.checkpoint)
             if best_state is not None:
                 os.replace(self.files.best_next(epoch), self.files.best)

@@ -92,6 +92,8 @@ def missing_kernels_message(device):
     """One line when torch's build has no kernels for this GPU (a CUDA 13 build starts at
     sm_75, so a V100, sm_70, fails at its first kernel); None when it has them. A cubin
     runs on its major version's later minors, PTX (compute_XY) on any later GPU."""
+    if torch.version.hip:  # ROCm: gfx names, another story
+        return None
     major, minor = torch.cuda.get_device_capability(device)
     arch = torch.cuda.get_arch_list()
     for m in filter(None, (re.fullmatch(r"(sm|compute)_(\d+)(\d)", a) for a in arch)):

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from checkpoints import (CheckpointWriter, RunFiles, StopOnSigterm, best_weights, check_same_settings,
-                         checkpoint_state, host_copy, load_checkpoint, restore, save)
+                         checkpoint_state, host_copy, load_checkpoint, on_host, restore, save)
 from Dataset import MyCOCODataset
 from devices import (DEVICE_HELP, DeviceBatches, NonFiniteGuard, accumulator_dtype, autocast, autocast_problem,
                      pick_device, release_freed_memory, reuse_freed_memory, set_gpu_options)
@@ -285,7 +285,7 @@ def train_locked(model, train_set, test_set, files, args, device, val_set, progr
             with contextlib.suppress(Exception):
                 writer.wait()
                 if best_state is not None:
-                    save(best_state, files.best)
+                    save(on_host(best_state), files.best)
     history["finished"] = True
     write_json(history, files.history)  # before the checkpoint goes: a finished run is never retrained
     if not args.keep_checkpoint and os.path.exists(files.checkpoint):
