@@ -69,25 +69,27 @@ def best_weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def on_host(weights):
-    """best_weights() moved to the host as they are written: a plain torch.load of
-    best_model.pt then works on any machine."""
-    return {k: v.cpu() for k, v in weights.items()}
-
-
 class StopOnSigterm:
     """While training: SIGTERM (a Slurm preemption, `kill`) sets `requested` instead of
     ending the process, so that the run stops after the epoch in progress with a
-    checkpoint. Only the main thread can hold a signal handler."""
+    checkpoint. A request in a run's last epoch is kept for the process's next run
+    (hw5_main's second model), which then stops before it trains. Only the main thread
+    can hold a signal handler."""
+    requested = False  # the process's, until a run stops for it
 
     def __enter__(self):
-        self.requested = False
         self.previous = signal.signal(signal.SIGTERM, self._request)
         return self
 
-    def _request(self, signum, frame):
-        self.requested = True
+    @classmethod
+    def _request(cls, signum, frame):
+        cls.requested = True
         log.warning("SIGTERM: the run stops after this epoch, with a checkpoint")
+
+    @classmethod
+    def stop(cls, when):
+        cls.requested = False
+        raise UserError(f"stopped by SIGTERM {when}: the same command with --resume goes on")
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGTERM, self.previous)
@@ -239,7 +241,7 @@ class CheckpointWriter:
     def write_best(self, epoch, best_state):
         """The best model alone, straight to best_model.pt (the run's end)."""
         self.wait()
-        self._timed(epoch, on_host(best_state), self.files.best)
+        self._timed(epoch, host_copy(best_state), self.files.best)
 
     def wait(self):
         """Wait for a write in progress; returns (and forgets) the finished writes' timings."""
@@ -265,7 +267,7 @@ class CheckpointWriter:
     def _write(self, epoch, checkpoint, best_state):
         try:
             if best_state is not None:
-                self._timed(epoch, on_host(best_state), self.files.best_next(epoch))
+                self._timed(epoch, host_copy(best_state), self.files.best_next(epoch))
             self._timed(epoch, checkpoint, self.files.checkpoint)
             if best_state is not None:
                 os.replace(self.files.best_next(epoch), self.files.best)

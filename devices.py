@@ -73,6 +73,8 @@ def unusable_gpu_message():
     if hidden is not None and hides_every_gpu(hidden):
         return (f"{gpu} but CUDA_VISIBLE_DEVICES={hidden!r} hides it from torch (under Slurm: the "
                 f"job was given no GPU; ask for one, e.g. --gres=gpu:1)")
+    if hidden is None and "SLURM_JOB_ID" in os.environ:  # Slurm sets it for the GPUs it gives
+        return f"{gpu} but this Slurm job was given none of them: ask for one, e.g. --gres=gpu:1"
     ask_torch = "`python -c \"import torch; torch.cuda.init()\"` prints torch's reason"
     if torch.version.cuda is None:
         return (f"{gpu} but torch {torch.__version__} is a build without CUDA: install a CUDA "

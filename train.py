@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from checkpoints import (CheckpointWriter, RunFiles, StopOnSigterm, best_weights, check_same_settings,
-                         checkpoint_state, host_copy, load_checkpoint, on_host, restore, save)
+                         checkpoint_state, host_copy, load_checkpoint, restore, save)
 from Dataset import MyCOCODataset
 from devices import (DEVICE_HELP, DeviceBatches, NonFiniteGuard, accumulator_dtype, autocast, autocast_problem,
                      pick_device, release_freed_memory, reuse_freed_memory, set_gpu_options)
@@ -195,6 +195,8 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
 
 def train_locked(model, train_set, test_set, files, args, device, val_set, progress, stop):
     """train() once its folder is locked."""
+    if stop.requested:  # in the process's previous run's last epoch
+        stop.stop(f"before training {files.out_dir}")
     files.remove_partial_writes()
     seed_everything(args.seed)
     set_gpu_options(args.tf32, args.cudnn_benchmark)
@@ -273,19 +275,17 @@ def train_locked(model, train_set, test_set, files, args, device, val_set, progr
             write_json(history, files.history)
             if stop.requested and not last:
                 writer.wait()
-                raise UserError(f"stopped by SIGTERM after epoch {epoch} of {args.epochs}, with a "
-                                f"checkpoint: the same command with --resume goes on")
+                stop.stop(f"after epoch {epoch} of {args.epochs}, with a checkpoint")
         if best_state is not None:
             writer.write_best(args.epochs, best_state)
             best_state = None
         history["save_seconds"] += writer.wait()
-    finally:
-        # Stopped by an error or Ctrl-C: finish a write, keep the best weights so far.
+    finally:  # an error or Ctrl-C: finish a write, keep the best weights so far
         if best_state is not None or writer.thread is not None:
             with contextlib.suppress(Exception):
                 writer.wait()
                 if best_state is not None:
-                    save(on_host(best_state), files.best)
+                    save(host_copy(best_state), files.best)
     history["finished"] = True
     write_json(history, files.history)  # before the checkpoint goes: a finished run is never retrained
     if not args.keep_checkpoint and os.path.exists(files.checkpoint):

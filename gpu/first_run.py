@@ -25,7 +25,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from files import HelpFormatter, write_json, write_text  # noqa: E402
+from files import HelpFormatter, UserError, read_json, write_json, write_text  # noqa: E402
 
 log = logging.getLogger("first_run")
 
@@ -59,7 +59,7 @@ SIZES = {
 }
 
 
-class StepFailed(Exception):
+class StepFailed(UserError):
     """A step's check that did not hold, or a file it expected that is not there."""
 
 
@@ -220,12 +220,8 @@ def model_figures(results):
     return out
 
 
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        raise StepFailed(f"{path} is missing or unreadable") from None
+def read_output(path):
+    return read_json(path, "a file this step's command writes")
 
 
 def round_(x, digits=4):
@@ -239,7 +235,7 @@ def step_demo(run):
         out = run.step_dir(name)
         if run.python("hw5_main.py", "--demo", *run.sizes["demo"], "--device", run.device, "--quiet",
                       "--out_dir", out, *extra) == 0:
-            fig = model_figures(read_json(os.path.join(out, "results.json")))
+            fig = model_figures(read_output(os.path.join(out, "results.json")))
             run.step["figures"][name] = fig
             heads.append(f"{name}: CIoU test acc {fig['ciou']['test_accuracy']:.3f} mIoU "
                          f"{fig['ciou']['test_mean_iou']:.3f}, MSE {fig['mse']['test_accuracy']:.3f} / "
@@ -274,8 +270,8 @@ def step_resume(run):
     def first_epoch_saved():
         # The checkpoint too: on CUDA it is written in the background after history.json.
         try:
-            done = len(read_json(os.path.join(killed, "history.json"))["epoch_seconds"])
-        except StepFailed:
+            done = len(read_output(os.path.join(killed, "history.json"))["epoch_seconds"])
+        except UserError:
             return False
         if done >= 1 and os.path.exists(os.path.join(killed, "checkpoint.pt")):
             fig["epochs_done_when_killed"] = done
@@ -294,8 +290,8 @@ def step_resume(run):
         return rc
     fig["resumed_after_epoch"] = int(first.group(1)) - 1 if first else None
     resumed = bool(fig["resumed_after_epoch"])
-    worst, differ = compare_histories(read_json(os.path.join(killed, "history.json")),
-                                      read_json(os.path.join(whole, "history.json")))
+    worst, differ = compare_histories(read_output(os.path.join(killed, "history.json")),
+                                      read_output(os.path.join(whole, "history.json")))
     fig.update(max_relative_difference=worst, differences=differ[:10], tolerance=1e-5,
                passed=not differ and worst <= 1e-5 and resumed)
     run.step["headline"] = (f"{'pass' if fig['passed'] else 'FAIL'}: max relative difference {worst:.2e}, "
@@ -341,7 +337,7 @@ def step_bench(run):
                       "--json", path, *extra) != 0:
             heads.append(f"{name}: failed")
             continue
-        fig = bench_figures(read_json(path))
+        fig = bench_figures(read_output(path))
         run.step["figures"][name] = fig
         heads.append(f"{name}: " + ", ".join(f"{k} {v['images_per_s']} images/s" for k, v in fig.items()
                                              if k.startswith(("train ours (report", "train ours (--single_backward)",
@@ -382,8 +378,8 @@ def step_memory(run):
 
 def read_json_or_empty(path):
     try:
-        return read_json(path)
-    except StepFailed:
+        return read_output(path)
+    except UserError:
         return {}
 
 
@@ -428,7 +424,7 @@ def step_photos(run):
     rc = run.python("hw5_main.py", "--data_dir", data, "--out_dir", out, *run.sizes["photos"],
                     "--device", run.device, "--quiet")
     if rc == 0:
-        fig = model_figures(read_json(os.path.join(out, "results.json")))
+        fig = model_figures(read_output(os.path.join(out, "results.json")))
         run.step["figures"] = fig
         run.step["headline"] = (
             f"test acc / mIoU / AP50: CIoU {fig['ciou']['test_accuracy']:.3f} / {fig['ciou']['test_mean_iou']:.3f} / "
@@ -449,11 +445,11 @@ def step_long(run):
     rc = run.python("hw5_main.py", "--data_dir", data, "--out_dir", out, *run.sizes["long"],
                     "--device", run.device, "--quiet")
     if rc == 0:
-        results = read_json(os.path.join(out, "results.json"))
+        results = read_output(os.path.join(out, "results.json"))
         fig = {"job_seconds": run.step["commands"][-1]["seconds"], "n_train": results["settings"]["n_train"],
                "n_test": results["settings"]["n_test"], **model_figures(results)}
         for key in ("ciou", "mse"):
-            history = read_json(os.path.join(out, key, "history.json"))
+            history = read_output(os.path.join(out, key, "history.json"))
             fig[key]["mean_epoch_seconds"] = round(sum(history["epoch_seconds"]) / len(history["epoch_seconds"]), 2)
             fig[key]["save_seconds"] = round(sum(w["seconds"] for w in history["save_seconds"]), 1)
         run.step["figures"] = fig
@@ -503,7 +499,7 @@ def machine_record(run):
     try:
         info = child_json(run, [os.path.abspath(__file__), "--out_dir", run.out, "--device", run.device,
                                 "--child", "env"])
-    except (StepFailed, ValueError, IndexError) as e:
+    except (UserError, ValueError, IndexError) as e:
         info = {"error": f"{e}"}
     if shutil.which("nvidia-smi"):
         q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
@@ -563,7 +559,7 @@ def run_step(run, name):
         step["returncode"] = rc if rc is not None else next((c for c in codes if c), 0)
         timed_out = any(c.get("timed_out") for c in step["commands"])
         step["status"] = "timeout" if timed_out else "ok" if step["returncode"] == 0 else "failed"
-    except StepFailed as e:
+    except UserError as e:
         step["status"], step["note"] = "failed", str(e)
         step["returncode"] = next((c["returncode"] for c in step["commands"]
                                    if c["returncode"] and not c.get("killed")), 0)

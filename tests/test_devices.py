@@ -30,6 +30,7 @@ def no_gpu(monkeypatch):
     """A machine on which torch sees neither CUDA nor MPS."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
 
 
 def test_a_gpu_torch_cannot_use_stops_auto_with_the_fix(no_gpu, monkeypatch):
@@ -252,12 +253,15 @@ def test_amp_trains_on_the_cpu(tiny_data, tmp_path):
 
 def test_a_gpu_hidden_by_cuda_visible_devices_or_unusable_for_another_reason_is_named(no_gpu, monkeypatch):
     """The fix named is the one that applies: not a reinstall when CUDA_VISIBLE_DEVICES hides
-    the GPU (Slurm's NoDevFiles included), nor when the driver supports torch's CUDA
+    the GPU (Slurm's NoDevFiles included) or a Slurm job has none, nor when the driver supports torch's CUDA
     version, nor when that is unknown (then torch's own reason is what to read)."""
     monkeypatch.setattr(devices, "nvidia_driver_info", lambda: ("580.65.06", "13.0"))
     for hidden in ("", "-1", "NoDevFiles"):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
         assert f"CUDA_VISIBLE_DEVICES={hidden!r} hides it" in devices.unusable_gpu_message()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # a CPU-only job on a GPU node: the cgroup hides the GPUs
+    assert "this Slurm job was given none of them: ask for one, e.g. --gres=gpu:1" in devices.unusable_gpu_message()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     message = devices.unusable_gpu_message()
@@ -349,7 +353,8 @@ def test_the_non_finite_check_reads_the_gradients_and_writes_only_its_flag(bad):
 
 def test_the_best_weights_are_kept_on_the_models_device_not_copied_to_the_host(tiny_data, tmp_path, monkeypatch):
     """A meta-device model stands in for a GPU's: its copy stays there (a host copy of a meta
-    tensor fails). In training, no host copy is made unless a checkpoint is written."""
+    tensor fails). In training, an improving epoch makes no host copy (the writer makes one
+    as it writes best_model.pt, with host tensors, so a plain torch.load works anywhere)."""
     kept = checkpoints.best_weights(torch.nn.Linear(3, 2, device="meta"))
     assert {v.device.type for v in kept.values()} == {"meta"}
     model = torch.nn.Linear(3, 2)
@@ -362,3 +367,5 @@ def test_the_best_weights_are_kept_on_the_models_device_not_copied_to_the_host(t
                                                "2", "--n_blocks", "1", "--device", "cpu"])
     history = train.main(args)
     assert history["best_epoch"] in (1, 2) and copies == []
+    saved = torch.load(os.path.join(args.out_dir, "best_model.pt"), weights_only=True)
+    assert {v.device.type for v in saved.values()} == {"cpu"}

@@ -729,3 +729,18 @@ def test_a_run_folder_is_locked_while_a_process_writes_there(tiny_data, tmp_path
     train.main(args_for(tiny_data, str(out), "--epochs", "1", *SMALL))  # the killed holder's lock went with it
     with held_lock(lock):  # and the run's with its end
         pass
+
+
+def test_a_sigterm_in_a_runs_last_epoch_stops_the_processs_next_run(tiny_data, tmp_path, monkeypatch):
+    """hw5_main's CIoU model finishes its last epoch under a preemption: the MSE model then
+    does not start (the request is the process's), and a later run, once it is answered, does."""
+    one_epoch = train.train_one_epoch
+    monkeypatch.setattr(train, "train_one_epoch",
+                        lambda model, batches, *a, **kw: one_epoch(model, SigtermAfterFirstBatch(batches), *a, **kw))
+    first = train.main(args_for(tiny_data, str(tmp_path / "ciou"), "--epochs", "1", *SMALL))
+    assert first["finished"] and len(first["epoch_seconds"]) == 1
+    monkeypatch.setattr(train, "train_one_epoch", one_epoch)
+    with pytest.raises(UserError, match=f"stopped by SIGTERM before training {tmp_path / 'mse'}: the same command"):
+        train.main(args_for(tiny_data, str(tmp_path / "mse"), "--epochs", "1", "--loss", "mse", *SMALL))
+    assert not os.path.exists(tmp_path / "mse" / "history.json")
+    assert train.main(args_for(tiny_data, str(tmp_path / "mse"), "--epochs", "1", "--loss", "mse", *SMALL))["finished"]
