@@ -152,7 +152,7 @@ def check_same_settings(saved, settings, path):
                        f"{saved['lr_schedule']} decays over the run's epochs)")
     if changed:
         raise UserError(f"{path} was written with " + ", ".join(changed) + "; resume with the same "
-                        f"settings, or start a new run in another --out_dir")
+                        "settings, or start a new run in another --out_dir")
 
 
 class RunFiles:

@@ -65,7 +65,7 @@ def draw_demo_data(out_dir, drawn, progress):
         changed = [f"--{k} {was[k]} (now {v})" for k, v in drawn.items() if was[k] != v]
         if changed:
             raise UserError(f"{data_dir} was drawn with " + ", ".join(changed) + "; give the same "
-                            f"options to go on with it, or choose another --out_dir")
+                            "options to go on with it, or choose another --out_dir")
         log.info("demo: reusing the dataset in %s", data_dir)
         return data_dir
     coco_dir = os.path.join(out_dir, "synthetic_coco")

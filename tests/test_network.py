@@ -3,7 +3,6 @@ import re
 
 import pytest
 import torch
-from torch import nn
 
 from network import Block, HW5Net, count_parameters, model_summary
 
