@@ -236,10 +236,18 @@ def test_mean_box_baseline():
     assert hw5_main.mean_box_baseline(train_boxes, test_boxes) == pytest.approx((1 + 0 + 0.5) / 3)
 
 
-def test_seeds_run_the_experiment_per_seed_and_aggregate_their_spread(tmp_path):
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory):
+    """One `--seeds 0 1` run, shared by the tests that read it (each copies before changing it)."""
+    out = str(tmp_path_factory.mktemp("two_seeds") / "seeds")
+    return out, hw5_main.main(parse("--out_dir", out, "--seeds", "0", "1", *TINY_DEMO))
+
+
+def test_seeds_run_the_experiment_per_seed_and_aggregate_their_spread(two_seeds, tmp_path):
     import statistics
     out = str(tmp_path / "seeds")
-    results = hw5_main.main(parse("--out_dir", out, "--seeds", "0", "1", *TINY_DEMO))
+    shutil.copytree(two_seeds[0], out)
+    results = two_seeds[1]
     assert os.listdir(os.path.join(out, "data"))  # the data is built once, beside the seeds
     assert not os.path.exists(os.path.join(out, "seed0", "data"))
     with open(os.path.join(out, "results.json")) as f:
@@ -306,12 +314,11 @@ def without_timings(obj):
     return [without_timings(v) for v in obj] if isinstance(obj, list) else obj
 
 
-def test_seeds_run_as_separate_processes_and_aggregated_equal_one_process(tmp_path):
+def test_seeds_run_as_separate_processes_and_aggregated_equal_one_process(two_seeds, tmp_path):
     """Two array tasks (--seed_index 0 and 1, each its own process, one building the demo's
     data while the other waits for it) and then --aggregate write what --seeds writes in
     one process; only timings differ. A seed not finished is named."""
-    together = str(tmp_path / "together")
-    hw5_main.main(parse("--out_dir", together, "--seeds", "0", "1", *TINY_DEMO))
+    together = two_seeds[0]
     apart = str(tmp_path / "apart")
     task = [sys.executable, "hw5_main.py", "--out_dir", apart, "--seeds", "0", "1", "--resume", *TINY_DEMO]
     tasks = [subprocess.Popen([*task, "--seed_index", str(i)], cwd=ROOT, stdout=subprocess.PIPE,
