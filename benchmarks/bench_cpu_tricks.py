@@ -68,12 +68,16 @@ def child(kind, steps):
     return statistics.median(times[2:])
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=3)
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per run, after two warm-up steps")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each kind, alternating")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main(args):
     if args.child:
         print(json.dumps(child(args.child, args.steps)))
         return
@@ -93,4 +97,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(get_args_parser().parse_args())

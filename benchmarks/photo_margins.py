@@ -6,6 +6,7 @@
 prints, per seed, the best epoch's test accuracy against the majority class's share and
 its test mean IoU against the mean-box baseline.
 """
+import argparse
 import os
 import sys
 
@@ -16,7 +17,15 @@ from hw5_main import mean_box_baseline  # noqa: E402
 from test_photos import photo_run, slice_of_thumbs  # noqa: E402
 
 
-def main(out):
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("out", help="where the slice of coco_thumbs, its dataset and the runs go")
+    return p
+
+
+def main(args):
+    out = args.out
     data = os.path.join(out, "data")
     if not os.path.exists(data):
         slice_of_thumbs(os.path.join(out, "coco"))
@@ -35,4 +44,4 @@ def main(out):
 
 
 if __name__ == "__main__":  # build_dataset's workers import this file again
-    main(sys.argv[1])
+    main(get_args_parser().parse_args())

@@ -176,13 +176,17 @@ def train(model, data_dir, out_dir, num_epochs, batch_size=16):
             max_model_score = model_score
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="The report's training loop as a whole process.")
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="The report's training loop as a whole process.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data_dir", required=True, help="a dataset built by Dataset.py")
     parser.add_argument("--out_dir", required=True, help="where best_model goes")
     parser.add_argument("--epoch", default=15, type=int, help="number of epochs (the report's default: 15)")
     parser.add_argument("--batch_size", default=16, type=int, help="batch size")
-    args = parser.parse_args()
+    return parser
+
+
+def main(args):
     seed = 0
     random.seed(seed)
     torch.manual_seed(seed)
@@ -192,3 +196,7 @@ if __name__ == "__main__":
     torch.backends.cudnn.benchmark = False
     os.makedirs(args.out_dir, exist_ok=True)
     train(printed_layers(network.HW5Net()), args.data_dir, args.out_dir, args.epoch, args.batch_size)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

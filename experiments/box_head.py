@@ -197,8 +197,9 @@ def trained_model(args):
         f.write(json.dumps(line) + "\n")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data_dir", required=True, help="a dataset built by Dataset.py (its train split)")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--variants", nargs="+", default=["report"], choices=sorted(VARIANTS))
@@ -209,7 +210,10 @@ def main():
     p.add_argument("--head_only", action="store_true", help="train the box head alone (head_only())")
     p.add_argument("--weights", help="a best_model.pt: measure it as trained_model() says")
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 1e-4, 1e-5], help="--head_only's rates")
-    args = p.parse_args()
+    return p
+
+
+def main(args):
     os.makedirs(args.out_dir, exist_ok=True)
     if args.weights:
         return trained_model(args)
@@ -222,4 +226,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(get_args_parser().parse_args())
