@@ -29,15 +29,14 @@ import torch
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
-from files import HelpFormatter, UserError, atomic_write, command, out_dir_problem, write_json
+from cli import HelpFormatter, UserError, command, out_dir_problem
+from outputs import atomic_write, write_json
+from utils import CLASS_NAMES, COCO_IDS, IMAGE_SIZE, draw_box, pyplot, save_figure
 
 log = logging.getLogger("Dataset")
 
-IMAGE_SIZE = 256
 MIN_AREA = 200 * 200  # pycocotools' areaRng is strict: an area of exactly 40000 is not dominant
-CLASS_NAMES = ("bus", "cat", "pizza")
-COCO_IDS = (6, 17, 59)  # sorted COCO ids -> class indices 0, 1, 2
-INV_MAP = {cid: i for i, cid in enumerate(COCO_IDS)}
+INV_MAP = {cid: i for i, cid in enumerate(COCO_IDS)}  # COCO id -> class index
 # Decode without EXIF rotation: COCO boxes refer to the stored pixels.
 IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 SPLITS = (("train", "train_data"), ("val", "test_data"))  # COCO split -> our folder
@@ -317,26 +316,6 @@ def build_dataset(coco_dir, out_dir, year=2014, workers=1, jpeg_quality=95, prog
 # ---------------------------------------------------------------------------------
 # Figure 2: sample images
 # ---------------------------------------------------------------------------------
-def draw_box(img, box_xyxy, colour, text, thickness=2, label_at="top", font_scale=0.45):
-    """Draw a box and its label on an RGB uint8 image in place (cv2, as the report), the
-    label on a tab above the box (label_at="top") or below it, kept inside the image."""
-    x1, y1, x2, y2 = (int(round(v)) for v in box_xyxy)
-    cv2.rectangle(img, (x1, y1), (x2, y2), colour, thickness)
-    weight = max(1, round(font_scale / 0.45))
-    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, weight)
-    tab_h = th + base + 3
-    if label_at == "top":
-        top = y1 - tab_h if y1 - tab_h >= 0 else y1
-    else:
-        top = y2 if y2 + tab_h <= img.shape[0] else y2 - tab_h
-    top = min(max(top, 0), img.shape[0] - tab_h)
-    left = min(max(x1, 0), max(img.shape[1] - tw - 4, 0))
-    cv2.rectangle(img, (left, top), (left + tw + 4, top + tab_h), colour, -1)
-    cv2.putText(img, text, (left + 2, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0),
-                weight, cv2.LINE_AA)
-    return img
-
-
 def plot_images(data_dir, out_path, per_class=5, seed=0, split="train_data"):
     """Report Fig. 2: per_class images of each class, green box and class name."""
     plt = pyplot()
@@ -363,20 +342,6 @@ def plot_images(data_dir, out_path, per_class=5, seed=0, split="train_data"):
     save_figure(fig, out_path)
 
 
-def pyplot():
-    """matplotlib.pyplot drawing to files only (no window, also on a machine with a display)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, out_path, dpi=100):
-    """A matplotlib figure to a PNG, atomically, and closed."""
-    atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
-    pyplot().close(fig)
-
-
 # ---------------------------------------------------------------------------------
 # MyCOCODataset
 # ---------------------------------------------------------------------------------
@@ -396,6 +361,14 @@ def load_split_records(data_dir, train=True):
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
             raise DatasetError(f"{p}: not a readable pickle ({e}); rebuild with Dataset.py") from None
     return loaded[0], loaded[1], os.path.join(data_dir, folder)
+
+
+def hold_out(files, fraction, seed=0):
+    """(training files, validation files): a seeded part of a split held out for
+    --val_fraction, the same for a DATA and fraction whatever the training seed."""
+    order = np.random.default_rng(seed).permutation(len(files))
+    n_val = max(1, round(fraction * len(files)))
+    return sorted(files[i] for i in order[n_val:]), sorted(files[i] for i in order[:n_val])
 
 
 def decode_images(paths, workers=None, progress=False):

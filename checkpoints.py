@@ -1,18 +1,19 @@
 """A training run's files in OUT (checkpoint.pt, best_model.pt, history.json): saving and
 loading them on any device, every random-number state, the background writer, and the
 checks that a resumed run is the run that was started."""
+import contextlib
 import copy
 import logging
 import os
 import random
-import signal
 import threading
 import time
 
 import numpy as np
 import torch
 
-from files import UserError, atomic_write, read_json
+from cli import UserError
+from outputs import atomic_write, read_json
 
 log = logging.getLogger("checkpoints")
 
@@ -67,32 +68,6 @@ def best_weights(model):
     """A copy of model's weights in its own device's memory, which training does not change:
     the best epoch's, kept without a blocking copy to the host until they are written."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-class StopOnSigterm:
-    """While training: SIGTERM (a Slurm preemption, `kill`) sets `requested` instead of
-    ending the process, so that the run stops after the epoch in progress with a
-    checkpoint. A request in a run's last epoch is kept for the process's next run
-    (hw5_main's second model), which then stops before it trains. Only the main thread
-    can hold a signal handler."""
-    requested = False  # the process's, until a run stops for it
-
-    def __enter__(self):
-        self.previous = signal.signal(signal.SIGTERM, self._request)
-        return self
-
-    @classmethod
-    def _request(cls, signum, frame):
-        cls.requested = True
-        log.warning("SIGTERM: the run stops after this epoch, with a checkpoint")
-
-    @classmethod
-    def stop(cls, when):
-        cls.requested = False
-        raise UserError(f"stopped by SIGTERM {when}: the same command with --resume goes on")
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.previous)
 
 
 def _device_rng(device):
@@ -195,8 +170,10 @@ class RunFiles:
 
     def finished(self, epochs, settings, model):
         """--resume of a run whose last epoch is done: (model with its best weights, history)
-        with nothing trained or written; None when a kept checkpoint trains it further."""
-        history = self.read_history()
+        with nothing trained or written; None when the run has not finished, or when a kept
+        checkpoint trains it further."""
+        if not os.path.exists(self.history) or not (history := self.read_history())["finished"]:
+            return None
         done = len(history["epoch_seconds"])
         if epochs > done:
             if os.path.exists(self.checkpoint):
@@ -212,36 +189,80 @@ class RunFiles:
         load_model_state(model, load_checkpoint(self.best), self.best)
         return model, history
 
+    def start_or_resume(self, history, settings, model, optimizer, generator, device):
+        """(history, first epoch): a new run's, or with checkpoint.pt every state restored and
+        the epochs after it to train."""
+        if not os.path.exists(self.checkpoint):
+            log.info("%s in %s", "starting again from epoch 1 (no checkpoint yet)" if self.holds_a_run()
+                     else "starting a new run", self.out_dir)
+            return {**history, "settings": settings, "finished": False}, 1
+        ckpt = load_checkpoint(self.checkpoint)
+        check_same_settings(ckpt["settings"], settings, self.checkpoint)
+        if ckpt["epoch"] > settings["epochs"]:
+            raise UserError(f"{self.checkpoint} is at epoch {ckpt['epoch']}, past --epochs {settings['epochs']}")
+        restore(ckpt, self.checkpoint, model, optimizer, generator, device)
+        self.commit_best(ckpt)
+        history = ckpt["history"]
+        if os.path.exists(self.history):  # it also lists the checkpoint's own write
+            history["save_seconds"] = self.read_history()["save_seconds"]
+        log.info("continuing the run in %s after epoch %d", self.out_dir, ckpt["epoch"])
+        return {**history, "settings": settings, "finished": False}, ckpt["epoch"] + 1
+
 
 class CheckpointWriter:
-    """Writes checkpoints (with the best model found since the last), each under a
-    temporary name, timing every file. With background (CUDA) the caller hands over a
-    host snapshot and trains on while it is written; on the CPU a writing thread would
-    compete with training for the cores, so writes are synchronous.
+    """Writes checkpoints, each with the best model found since the last, and the best model
+    at the end, under temporary names, timing every file. The best epoch's weights wait in
+    the device's memory until then. With background (CUDA) a host snapshot is written while
+    training goes on; on the CPU a writing thread would compete with training for the
+    cores, so writes are synchronous. Leaving the `with` on an error keeps the best weights.
 
     Order on disk: the best model under a .next name, the checkpoint (which names it),
     then the rename to best_model.pt; a kill between two leaves a consistent run."""
 
     def __init__(self, files, background):
         self.files, self.background = files, background
-        self.thread, self.error, self.done = None, None, []
+        self.thread, self.error, self.done, self.best = None, None, [], None
+        self.last_write = time.perf_counter()
 
-    def write(self, epoch, checkpoint, best_state=None):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is not None and (self.best is not None or self.thread is not None):
+            with contextlib.suppress(Exception):  # an error or Ctrl-C: keep the best weights so far
+                self.wait()
+                if self.best is not None:
+                    save(host_copy(self.best), self.files.best)
+
+    def keep_best(self, model):
+        self.best = best_weights(model)
+
+    def due(self, minutes):
+        return time.perf_counter() - self.last_write >= 60 * minutes
+
+    def checkpoint(self, epoch, state):
+        """Write state (and the best model waiting) as the checkpoint of epoch."""
         self.wait()
-        if best_state is not None:
-            checkpoint["best_model_next"] = os.path.basename(self.files.best_next(epoch))
+        best, self.best = self.best, None
+        if best is not None:
+            state["best_model_next"] = os.path.basename(self.files.best_next(epoch))
         if self.background:
-            self.thread = threading.Thread(target=self._write, args=(epoch, checkpoint, best_state),
+            self.thread = threading.Thread(target=self._write, args=(epoch, host_copy(state), best),
                                            name="checkpoint-writer")
             self.thread.start()
         else:
-            self._write(epoch, checkpoint, best_state)
+            self._write(epoch, state, best)
             self._raise()
+        self.last_write = time.perf_counter()
 
-    def write_best(self, epoch, best_state):
-        """The best model alone, straight to best_model.pt (the run's end)."""
-        self.wait()
-        self._timed(epoch, host_copy(best_state), self.files.best)
+    def close(self, epoch):
+        """The run's end: the best model waiting, straight to best_model.pt; returns the
+        timings of the writes not yet returned, once all have finished."""
+        done = self.wait()
+        if self.best is not None:
+            self._timed(epoch, host_copy(self.best), self.files.best)
+            self.best = None
+        return done + self.wait()
 
     def wait(self):
         """Wait for a write in progress; returns (and forgets) the finished writes' timings."""
@@ -264,12 +285,12 @@ class CheckpointWriter:
                           "seconds": round(time.perf_counter() - t0, 3),
                           "background": self.background and threading.current_thread() is self.thread})
 
-    def _write(self, epoch, checkpoint, best_state):
+    def _write(self, epoch, checkpoint, best):
         try:
-            if best_state is not None:
-                self._timed(epoch, host_copy(best_state), self.files.best_next(epoch))
+            if best is not None:
+                self._timed(epoch, host_copy(best), self.files.best_next(epoch))
             self._timed(epoch, checkpoint, self.files.checkpoint)
-            if best_state is not None:
+            if best is not None:
                 os.replace(self.files.best_next(epoch), self.files.best)
         except Exception as e:  # a full disk, a lost mount: raised in the training thread
             self.error = f"{type(e).__name__}: {e}"

@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from files import UserError
+from cli import UserError
 
 log = logging.getLogger("devices")
 
@@ -46,8 +46,20 @@ def nvidia_driver_info(proc_path="/proc/driver/nvidia/version", smi="nvidia-smi"
     return (driver.group(1), None) if driver else None
 
 
-def _version(text):
-    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+def _major(version):
+    return int(version.split(".")[0])
+
+
+# The PyTorch wheel index for a driver's CUDA major version within torch>=2.4,<3, and the pins it
+# needs. Refresh from https://pytorch.org/get-started/previous-versions/ and
+# `pip index versions torch --index-url https://download.pytorch.org/whl/cu126`.
+CUDA_WHEELS = {11: ("cu118", '"torch<2.8" "torchvision<0.23"'),  # torch 2.4 to 2.7: 2.8 dropped cu118
+               12: ("cu126", "torch torchvision"),                 # torch 2.6 on
+               13: ("cu130", "torch torchvision")}                 # torch 2.9 on
+
+# What Slurm sets for a job or step given GPUs: --gres=gpu:N, --gpus=N, --gpus-per-task/-node/-socket
+SLURM_GPU_VARIABLES = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE", "SLURM_GPUS",
+                       "SLURM_GPUS_PER_TASK", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_SOCKET")
 
 
 def hides_every_gpu(visible):
@@ -58,9 +70,33 @@ def hides_every_gpu(visible):
     return not (first.isdigit() or first.startswith(("GPU-", "MIG-")))
 
 
+def slurm_job_without_gpu():
+    """Whether this is a Slurm job given no GPU that left CUDA_VISIBLE_DEVICES unset: the
+    node's GPUs are then hidden by its cgroup, or, on a node without one, all visible."""
+    return ("SLURM_JOB_ID" in os.environ and "CUDA_VISIBLE_DEVICES" not in os.environ
+            and all(os.environ.get(name, "0") in ("", "0") for name in SLURM_GPU_VARIABLES))
+
+
+def visible_gpus(count):
+    gpus = f"cuda:0 to cuda:{count - 1}" if count > 1 else "cuda:0"
+    return f"{count} CUDA GPU{'s are' if count > 1 else ' is'} visible to this process ({gpus})"
+
+
+def install_advice(driver_cuda):
+    """The fix for a torch build newer than the driver: the build for the driver's CUDA major
+    version (any build of the same major runs on it, since CUDA 11), else a newer driver."""
+    fitting = [major for major in CUDA_WHEELS if major <= _major(driver_cuda)]
+    if not fitting:
+        return f"update the NVIDIA driver (torch>=2.4 needs one for CUDA {min(CUDA_WHEELS)} or newer)"
+    index, packages = CUDA_WHEELS[max(fitting)]
+    return (f"install the build for the driver, `pip install {packages} --index-url "
+            f"https://download.pytorch.org/whl/{index}` (docs/devices.md), or update the driver")
+
+
 def unusable_gpu_message():
-    """One line on an NVIDIA GPU that the installed torch cannot use: why, and the fix, as
-    far as they are known. None when torch can use it or the machine has none."""
+    """One line on an NVIDIA GPU that the installed torch cannot use: why, likeliest cause
+    first, and the fix, as far as they are known. None when torch can use it or the machine
+    has none."""
     if torch.cuda.is_available():
         return None
     info = nvidia_driver_info()
@@ -73,7 +109,7 @@ def unusable_gpu_message():
     if hidden is not None and hides_every_gpu(hidden):
         return (f"{gpu} but CUDA_VISIBLE_DEVICES={hidden!r} hides it from torch (under Slurm: the "
                 f"job was given no GPU; ask for one, e.g. --gres=gpu:1)")
-    if hidden is None and "SLURM_JOB_ID" in os.environ:  # Slurm sets it for the GPUs it gives
+    if slurm_job_without_gpu():
         return f"{gpu} but this Slurm job was given none of them: ask for one, e.g. --gres=gpu:1"
     ask_torch = "`python -c \"import torch; torch.cuda.init()\"` prints torch's reason"
     if torch.version.cuda is None:
@@ -82,12 +118,9 @@ def unusable_gpu_message():
     built = f"torch {torch.__version__} was built for CUDA {torch.version.cuda}"
     if driver_cuda is None:
         return f"{gpu} and {built}, but the CUDA version the driver supports is unknown: {ask_torch}"
-    if _version(torch.version.cuda) <= _version(driver_cuda):
+    if _major(torch.version.cuda) <= _major(driver_cuda):
         return f"{gpu} and {built}, which that driver supports, yet torch cannot use it: {ask_torch}"
-    return (f"{gpu} but {built} and cannot use it: install the torch build for the driver's "
-            f"CUDA version, e.g. `pip install torch torchvision --index-url "
-            f"https://download.pytorch.org/whl/cu126` for CUDA 12.6 (docs/devices.md), or update "
-            f"the driver")
+    return f"{gpu} but {built} and cannot use it: {install_advice(driver_cuda)}"
 
 
 def missing_kernels_message(device):
@@ -115,6 +148,11 @@ def pick_device(name="auto"):
     given = name
     if name == "auto":
         if torch.cuda.is_available():
+            if slurm_job_without_gpu():  # no cgroup: the node's GPUs, other jobs' too, are all visible
+                raise UserError(f"--device auto: this Slurm job was given no GPU, yet "
+                                f"{visible_gpus(torch.cuda.device_count())} and may be other jobs': "
+                                f"ask for one with --gres=gpu:1 (or --gpus=1), pass --device cpu, or "
+                                f"pass --device cuda to use a visible one deliberately")
             name = "cuda"
         elif torch.backends.mps.is_available():
             return torch.device("mps")
@@ -131,7 +169,7 @@ def pick_device(name="auto"):
             raise UserError(f"--device {given}: " + (unusable_gpu_message() or
                             f"torch {torch.__version__} sees no CUDA GPU on this machine"))
         if (device.index or 0) >= torch.cuda.device_count():
-            raise UserError(f"--device {given}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+            raise UserError(f"--device {given}: {visible_gpus(torch.cuda.device_count())}")
         if message := missing_kernels_message(device):
             raise UserError(f"--device {given}: {message}")
     elif device.type == "mps" and not torch.backends.mps.is_available():
@@ -214,16 +252,23 @@ def accumulator_dtype(device):
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
-def set_gpu_options(tf32=False, cudnn_benchmark=False):
-    """--tf32: TF32 in CUDA's matrix products and cuDNN's convolutions; without it both are
-    float32 (torch's own default has TF32 convolutions). Set, both ways, through the
-    allow_tf32 flags only: after the newer fp32_precision API, reading them raises, and
-    torch.compile reads them. --cudnn_benchmark: cuDNN picks the fastest convolution
-    algorithms, not deterministically. Neither changes a CPU run."""
+def set_gpu_options(tf32=False, strict_fp32=False, cudnn_benchmark=False):
+    """CUDA's float32 settings. By default those of the report's run: deterministic cuDNN (its
+    code set it), convolutions in TF32 and matrix products in float32 (torch's defaults, which
+    it left alone). tf32 adds TF32 matrix products; strict_fp32 turns TF32 off everywhere, for
+    a run to compare with the CPU. Set through the allow_tf32 flags only: after the newer
+    fp32_precision API, reading them raises, and torch.compile reads them. cudnn_benchmark:
+    the fastest convolution algorithms, not deterministically. A CPU run is unchanged."""
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = not strict_fp32
     torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.backends.cudnn.deterministic = not cudnn_benchmark
+
+
+def usable_cpus():
+    """The CPUs this process may run on (a Slurm task's or a container's share), not the
+    machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _glibc():
@@ -262,30 +307,27 @@ def skips_on_the_device(optimizer_class, device):
 
 class NonFiniteGuard:
     """Keeps a step whose loss or gradient is not finite from reaching the weights, with no
-    host sync: check() sets `found` on the device from the gradients' largest magnitudes
-    (read, not written), step() hands it to fused Adam as found_inf (GradScaler's
-    device-side skip) where the kernel honours it; elsewhere (plain Adam, or a fused kernel
-    that ignores it) the flag is read on the host."""
+    host sync, the way GradScaler does: check() sets a flag on the device from the gradients'
+    largest magnitudes (read, not written), and fused Adam, holding that flag as its
+    found_inf, skips the update on the device. Where the kernel does not honour found_inf
+    (plain Adam; fused Adam on MPS in some torch releases) the host reads the flag instead."""
 
     def __init__(self, optimizer, device):
-        self.optimizer = optimizer
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.found = torch.zeros((), device=device)
-        self.device_side = bool(optimizer.defaults.get("fused")) and skips_on_the_device(
+        self.on_device = bool(optimizer.defaults.get("fused")) and skips_on_the_device(
             type(optimizer), str(device))
+        if self.on_device:
+            optimizer.found_inf = self.found  # read by every optimizer.step()
 
     def check(self, loss):
+        """Sets and returns the step's flag (1.0: not finite)."""
         grads = [p.grad for p in self.params if p.grad is not None]
         largest = torch.stack(torch._foreach_norm(grads, math.inf)).max() if grads else loss  # NaN stays NaN
         self.found.copy_(~(torch.isfinite(loss) & torch.isfinite(largest)))
         return self.found
 
-    def step(self):
-        if self.device_side:
-            self.optimizer.found_inf = self.found
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.found_inf
-        elif not self.found.item():
-            self.optimizer.step()
+    def allows_step(self):
+        """Whether to call optimizer.step(): always where it skips on the device, else after
+        the host has read the flag (a sync)."""
+        return self.on_device or not self.found.item()

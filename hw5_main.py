@@ -18,19 +18,19 @@ import time
 import torch
 
 from checkpoints import RunFiles, load_checkpoint, load_model_state
-from Dataset import build_dataset
-from devices import DeviceBatches, pick_device
-from files import (HelpFormatter, UserError, command, held_lock, out_dir_problem, read_json, write_json,
-                   write_text)
-from network import count_parameters, model_summary
-from results import (MODELS, REPORT, aggregate_results, aggregate_seed_folders, check, compare_models,
-                     draw_comparison, draw_split_figures, holds_a_run, keep_earlier_wall_seconds,
+from cli import HelpFormatter, Sigterm, UserError, command, out_dir_problem
+from Dataset import build_dataset, plot_images
+from devices import DeviceBatches, pick_device, usable_cpus
+from network import build_model, count_parameters, model_summary
+from outputs import held_lock, read_json, write_json, write_text
+from grading import check, check_summary
+from results import (EXPERIMENT_SETTINGS, MODELS, REPORT, aggregate_results, aggregate_seed_folders, compare_models,
+                     draw_comparison, draw_curves, draw_split_figures, holds_a_run, keep_earlier_wall_seconds,
                      read_predictions, redraw, results_markdown, seed_runs, seeds_markdown)
 from synthetic.coco import make_synthetic_coco
-from train import (add_training_args, build_model, check_training_args, load_datasets,
-                   make_criteria, seed_everything, train)
-from utils import (box_iou_per_image, coco_ground_truth, coco_metrics, coco_results, evaluation,
-                   plot_history, prediction_records)
+from train import (add_training_args, check_training_args, load_datasets, make_criteria, run_settings,
+                   seed_everything, train)
+from utils import coco_ground_truth, coco_metrics, coco_results, evaluation, mean_box_baseline, prediction_records
 
 log = logging.getLogger("hw5_main")
 
@@ -39,13 +39,6 @@ log = logging.getLogger("hw5_main")
 DEMO_DATA = {"n_train": 720, "n_val": 200, "synthetic_seed": 0}
 DEMO_TRAINING = {"epochs": 8, "single_backward": True, "lr_schedule": "cosine", "warmup_epochs": 1}
 DEMO = {**DEMO_DATA, **DEMO_TRAINING}
-
-
-def mean_box_baseline(train_boxes, test_boxes):
-    """Test mean IoU of one box for every image, the training set's mean box: what a model
-    scores that learned nothing about where the object is."""
-    mean_box = train_boxes.float().mean(0, keepdim=True).expand_as(test_boxes)
-    return float(box_iou_per_image(mean_box, test_boxes.float()).mean())
 
 
 def prepare_demo_data(out_dir, drawn, progress=True):
@@ -70,7 +63,7 @@ def draw_demo_data(out_dir, drawn, progress):
         return data_dir
     coco_dir = os.path.join(out_dir, "synthetic_coco")
     make_synthetic_coco(coco_dir, drawn["n_train"], drawn["n_val"], drawn["synthetic_seed"], year=2014)
-    build_dataset(coco_dir, data_dir, year=2014, workers=os.cpu_count() or 1, progress=progress)
+    build_dataset(coco_dir, data_dir, year=2014, workers=usable_cpus(), progress=progress)
     write_json(drawn, record)  # last: the data is complete
     return data_dir
 
@@ -85,27 +78,32 @@ def run_model(key, loss_name, datasets, out_dir, args, device):
     seed_everything(args.seed)  # both models start from the same seeded weights
     model, history = train(build_model(args), train_set, test_set, run_dir, args, device, val_set,
                            progress=not args.quiet)
+    Sigterm.stop_here(f"after training the {loss_name} model")
     best = RunFiles(run_dir).best
     load_model_state(model, load_checkpoint(best), best)
     criterion_cls, criterion_box, _ = make_criteria(key)
     splits = {"train": train_set, "test": test_set, **({"val": val_set} if val_set else {})}
-    results = {}
+    log.info("%s model: evaluating its best epoch (%s) on %s", loss_name, history["best_epoch"],
+             ", ".join(splits))
+    results, records = {}, {}
     for split, data in splits.items():
         cm, res = evaluation(model, DeviceBatches(data, args.eval_batch_size, device), criterion_cls,
                              criterion_box, device, order=not args.raw_boxes, amp=args.amp)
-        predictions = prediction_records(data.files, data.data, res.pop("predictions"))
-        detections = coco_results(predictions, data.data)
-        write_json(predictions, os.path.join(run_dir, f"predictions_{split}.json"))
+        records[split] = prediction_records(data.files, data.data, res.pop("predictions"))
+        detections = coco_results(records[split], data.data)
+        write_json(records[split], os.path.join(run_dir, f"predictions_{split}.json"))
         write_json(detections, os.path.join(run_dir, f"coco_results_{split}.json"))
         results[split] = {**res, "confusion_matrix": cm.tolist(),
                           "coco": coco_metrics(coco_ground_truth(data.files, data.data), detections)}
-        if split != "val":
-            draw_split_figures(out_dir, key, loss_name, split, data.images, predictions,
-                               results[split], history["best_epoch"], args.seed)
-    plot_history(history, os.path.join(out_dir, f"{key}_curves.png"), loss_name)
+    log.info("%s model: drawing its figures", loss_name)
+    for split, data in (("train", train_set), ("test", test_set)):
+        draw_split_figures(out_dir, key, loss_name, split, data.images, records[split], results[split],
+                           history["best_epoch"], args.seed)
+    draw_curves(out_dir, key, loss_name, history)
     log.info("%s model (best epoch %s): train accuracy %.3f mIoU %.3f | test accuracy %.3f mIoU %.3f",
              loss_name, history["best_epoch"], results["train"]["accuracy"],
              results["train"]["mean_iou"], results["test"]["accuracy"], results["test"]["mean_iou"])
+    Sigterm.stop_here(f"after evaluating the {loss_name} model")
     return results, history
 
 
@@ -118,8 +116,11 @@ def run_experiment(args, out_dir, datasets, device, t_start):
     write_text(model_summary(net), os.path.join(out_dir, "model_sum.txt"))
     n_layers, n_params = count_parameters(net)
     del net
-    results = {"baseline": {"mean_box_test_iou": mean_box_baseline(train_set.boxes, test_set.boxes)}}
-    log.info("mean-box baseline: test mean IoU %.3f", results["baseline"]["mean_box_test_iou"])
+    plot_images(args.data_dir, os.path.join(out_dir, "sample_images.png"))  # Fig. 2, beside the others
+    results = {"baseline": {split: mean_box_baseline(train_set.boxes, data.boxes)
+                            for split, data in (("train", train_set), ("test", test_set))}}
+    log.info("mean-box baseline (the training set's mean box for every image): mean IoU train %.3f, "
+             "test %.3f", results["baseline"]["train"], results["baseline"]["test"])
     for key, loss_name in MODELS:
         res, history = run_model(key, loss_name, datasets, out_dir, args, device)
         saves = history["save_seconds"]  # summed over the whole run, a resumed one included
@@ -129,26 +130,19 @@ def run_experiment(args, out_dir, datasets, device, t_start):
                         "train_seconds": round(sum(history["epoch_seconds"]), 1),
                         "save_seconds": round(sum(w["seconds"] for w in saves), 1),
                         "files_written": len(saves)}
+    log.info("comparing the two models image by image and writing %s", os.path.join(out_dir, "results.md"))
     results["comparison"] = {}
     for split, data in (("train", train_set), ("test", test_set)):  # from the saved predictions
         ciou, mse = (read_predictions(out_dir, key, split) for key, _ in MODELS)
         results["comparison"][split] = compare_models(ciou, mse)
         draw_comparison(out_dir, split, data.images, ciou, mse, args.seed)
     results["report"] = REPORT
-    s = {"demo": args.demo, "device": str(device), "data_dir": os.path.abspath(args.data_dir),
-         "n_train": len(train_set), "n_test": len(test_set), "n_val": len(val_set) if val_set else 0,
-         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-         "lr_schedule": args.lr_schedule + (f", warm-up {args.warmup_epochs:g} epoch(s)"
-                                            if args.lr_schedule != "constant" and args.warmup_epochs else ""),
-         "betas": [args.beta1, args.beta2], "seed": args.seed,
-         "boxes": "raw (as the report's code)" if args.raw_boxes else "ordered (order_boxes)",
-         "backward": "single" if args.single_backward else "two calls (as the report)",
-         "augment": args.augment, "amp": args.amp, "learnable_res": args.learnable_res,
-         "parameters": n_params, "parameter_tensors": n_layers, "torch": torch.__version__,
-         "python": platform.python_version(), "wall_seconds": round(time.perf_counter() - t_start, 1)}
+    s = {k: v for k, v in run_settings(args, device).items() if k in EXPERIMENT_SETTINGS}
+    s.update(n_train=len(train_set), n_test=len(test_set), n_val=len(val_set) if val_set else 0,
+             parameters=n_params, parameter_tensors=n_layers, torch=torch.__version__,
+             python=platform.python_version(), wall_seconds=round(time.perf_counter() - t_start, 1))
     if args.demo:
-        s.update(n_synthetic_train=args.n_train, n_synthetic_val=args.n_val,
-                 synthetic_seed=args.synthetic_seed)
+        s.update(n_synthetic_train=args.n_train, n_synthetic_val=args.n_val, synthetic_seed=args.synthetic_seed)
     if args.resume:  # a finished run evaluated again: the first command's time is kept
         keep_earlier_wall_seconds(s, os.path.join(out_dir, "results.json"))
     results["settings"] = s
@@ -196,13 +190,14 @@ def get_args_parser():
                         "then writes what --seeds writes (docs/runs.md)")
     g.add_argument("--aggregate", action="store_true",
                    help="OUT/results.json and results.md from the finished OUT/seed{k}/ runs (of "
-                        "--seeds, or every one there); no model runs (default: False)")
+                        "--seeds, or every one there); no model runs")
     g.add_argument("--redraw", action="store_true",
-                   help="draw every figure of a finished OUT again from its saved predictions and "
-                        "DATA (the run's, or --data_dir); no model runs")
+                   help="rewrite every figure in a finished OUT from its saved predictions and DATA "
+                        "(the run's, or --data_dir); no model runs")
     g.add_argument("--check", action="store_true",
-                   help="read-only check of a finished OUT: its metrics recomputed from the saved "
-                        "predictions and, where the models are there, by evaluating them again")
+                   help="read-only check of a finished OUT against DATA: every split's images, truth "
+                        "and metrics, the best epoch by the report's rule, and each model evaluated "
+                        "again image by image (docs/grading.md); exit status 1 on any mismatch")
     add_training_args(p)
     # The training options whose default depends on --demo, and --seed (unset, so that
     # --seed and --seeds together can be refused).
@@ -258,10 +253,9 @@ def main(args):
         print(seeds_markdown(results))
         return results
     if args.check:
-        checked, problems = check(args.out_dir, args.data_dir, pick_device(args.device))
-        print("\n".join(checked + [f"MISMATCH {p}" for p in problems]))
-        print(f"{len(problems)} mismatch(es) in {len(checked)} split(s) checked")
-        return problems
+        report = check(args.out_dir, args.data_dir, pick_device(args.device))
+        print(check_summary(report))
+        return report["problems"]
     t_start = time.perf_counter()
     out_dir = args.out_dir
     if problem := out_dir_problem(out_dir):
@@ -282,8 +276,10 @@ def main(args):
         args.data_dir = prepare_demo_data(out_dir, drawn, progress=not args.quiet)
     # Loaded once for every seed (with --val_fraction, held out with the first seed): the
     # seeds vary training only. Bad data stops here, before OUT is made.
+    log.info("loading the data in %s", args.data_dir)
     datasets = load_datasets(args, progress=not args.quiet)
     check_training_args(args, device, len(datasets[0]))
+    Sigterm.stop_here("after loading the data")
     per_seed = {}
     for seed, run_dir in run_dirs.items():
         if args.seeds:
@@ -313,5 +309,6 @@ def main(args):
 if __name__ == "__main__":
     parser = get_args_parser()
     args = parser.parse_args()
-    outcome = command(lambda: main(resolve_args(args, parser)), log)
+    trains = not (args.check or args.redraw or args.aggregate)
+    outcome = command(lambda: main(resolve_args(args, parser)), log, stops_on_sigterm=trains)
     sys.exit(1 if args.check and outcome else 0)

@@ -76,6 +76,14 @@ class HW5Net(nn.Module):
         return self.class_head(out), self.bbox_head(out)
 
 
+def build_model(settings, image_size=256):
+    """The HW5Net of a run's settings: argparse's options, or the dict a run saved in its
+    history.json (so that OUT alone rebuilds the model)."""
+    s = settings if isinstance(settings, dict) else vars(settings)
+    return HW5Net(width=s["width"], n_blocks=s["n_blocks"], learnable_res=s["learnable_res"],
+                  image_size=image_size)
+
+
 def model_summary(net, image_size=256):
     """The layer table followed by the hierarchical summary, as pytorch-model-summary
     prints them for a 1x3xSxS input (the report's table and Fig. 5). The net is put in
@@ -106,7 +114,7 @@ def get_args_parser():
 
 
 def main(args):
-    net = HW5Net(width=args.width, n_blocks=args.n_blocks, learnable_res=args.learnable_res)
+    net = build_model(args)
     n_layers, n_params = count_parameters(net)
     print(model_summary(net))
     print(f"learnable layers (parameter tensors): {n_layers}")

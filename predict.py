@@ -19,11 +19,12 @@ import torch
 from tqdm import tqdm
 
 from checkpoints import load_checkpoint, load_model_state
-from Dataset import CLASS_NAMES, draw_box, resize_image
+from Dataset import resize_image
 from devices import DEVICE_HELP, autocast, autocast_problem, pick_device
-from files import HelpFormatter, UserError, atomic_write, command, out_dir_problem, write_json
-from network import ARCHITECTURE, HW5Net
-from utils import order_boxes
+from cli import HelpFormatter, UserError, command, out_dir_problem
+from outputs import atomic_write, write_json
+from network import ARCHITECTURE, build_model
+from utils import CLASS_NAMES, draw_box, order_boxes
 
 log = logging.getLogger("predict")
 
@@ -182,7 +183,7 @@ def load_model(weights, args, device):
         raise UserError(f"--weights {weights}: no such file (a best_model.pt written by "
                         f"train.py or hw5_main.py)")
     arch = architecture(weights, args)
-    model = HW5Net(**arch)
+    model = build_model(arch)
     state = load_checkpoint(weights)  # onto the CPU, then moved
     if "model" in state and "optimizer" in state:  # a checkpoint.pt kept with --keep_checkpoint
         log.info("%s is a training checkpoint: its last epoch's weights are used (the best "

@@ -1,36 +1,65 @@
-"""What an experiment's OUT says, and its checks: results.md beside the report's numbers,
-the seed aggregate, the figures drawn from saved predictions (--redraw), and the
-read-only check a TA runs on a handed-in OUT (--check)."""
+"""What an experiment's OUT says: results.md, the page a TA reads first (the run's numbers
+beside the report's, the verdicts, what differs from the report, every figure under its
+report number), results.json, the seed aggregate, and the figures drawn from saved
+predictions (--redraw)."""
 import logging
 import math
 import os
 import re
 
-import numpy as np
-import torch
-
-from checkpoints import RunFiles, load_checkpoint, load_model_state
-from Dataset import CLASS_NAMES, MyCOCODataset
-from devices import DeviceBatches
-from files import UserError, read_json, write_json, write_text
-from network import HW5Net
-from utils import (box_iou_per_image, coco_ground_truth, coco_metrics, confusion_matrix,
-                   display_comparison, display_preds, evaluation, plot_cm, plot_history,
+from checkpoints import RunFiles
+from cli import UserError
+from Dataset import MyCOCODataset, plot_images
+from outputs import read_json, write_json, write_text
+from utils import (CLASS_NAMES, display_comparison, display_preds, plot_cm, plot_history,
                    predictions_from_records)
 
 log = logging.getLogger("results")
 
 MODELS = (("ciou", "CIoU"), ("mse", "MSE"))
 SPLITS = ("train", "val", "test")
-# Report Section 4: accuracy as a fraction, mean IoU.
+# Report Section 4 (its prose: the report has no results table): accuracy as a fraction, mean IoU.
 REPORT = {
     "ciou": {"train": {"accuracy": 0.996, "mean_iou": 0.68}, "test": {"accuracy": 0.889, "mean_iou": 0.61}},
     "mse": {"train": {"accuracy": 0.994, "mean_iou": 0.67}, "test": {"accuracy": 0.896, "mean_iou": 0.57}},
 }
-SETTINGS_SHOWN = ("device", "data_dir", "n_train", "n_test", "n_val", "epochs", "batch_size", "lr",
-                  "lr_schedule", "betas", "seed", "boxes", "backward", "augment", "amp",
-                  "learnable_res", "torch", "wall_seconds", "earlier_wall_seconds",
-                  "n_synthetic_train", "n_synthetic_val", "synthetic_seed")
+REPORT_IMAGES = {"n_train": 3789, "n_test": 1972}
+# The report's settings, as this package's options (ordered boxes are SPEC's fix of its code).
+REPORT_SETTINGS = {"width": 8, "n_blocks": 5, "learnable_res": False, "epochs": 30, "batch_size": 16,
+                   "lr": 0.001, "beta1": 0.9, "beta2": 0.99, "lr_schedule": "constant", "warmup_epochs": 0.0,
+                   "seed": 0, "single_backward": False, "raw_boxes": True, "augment": False,
+                   "val_fraction": 0.0, "amp": False, "tf32": False, "strict_fp32": False,
+                   "cudnn_benchmark": False}
+WHY_IT_DIFFERS = {
+    "raw_boxes": "the box head's output is ordered (min, max) before the loss and the metric; the "
+                 "report's code fed it raw, and CIoU is undefined on inverted boxes (README, Differences)",
+    "single_backward": "one backward pass of the summed loss: the same gradients as the report's two calls",
+    "lr_schedule": "the learning rate's schedule", "val_fraction": "the best epoch selected on a held-out "
+                   "part of the training set, not on the test set",
+    "amp": "bfloat16 autocast", "tf32": "TF32 matrix products on CUDA",
+    "strict_fp32": "no TF32 on CUDA, convolutions included",
+}
+# Which file is which figure of the report (Section 4; Fig. 20 is the CIoU model's curves only).
+FIGURES = (("Fig. 2: sample images of each class, training data", ["sample_images.png"]),
+           ("Fig. 14: confusion matrices over the train data, (a) CIoU model, (b) MSE model",
+            ["ciou_train_cm.png", "mse_train_cm.png"]),
+           ("Fig. 15: the CIoU model's predictions on train data", ["ciou_train_preds.png"]),
+           ("Fig. 16: the MSE model's predictions on train data", ["mse_train_preds.png"]),
+           ("Fig. 17: confusion matrices over the test data, (a) CIoU model, (b) MSE model",
+            ["ciou_test_cm.png", "mse_test_cm.png"]),
+           ("Fig. 18: the CIoU model's predictions on test data", ["ciou_test_preds.png"]),
+           ("Fig. 19: the MSE model's predictions on test data", ["mse_test_preds.png"]),
+           ("Fig. 20: training curves of the CIoU model", ["ciou_curves.png"]),
+           ("Not in the report: the MSE model's curves, and both models' boxes image by image (Section "
+            "4.2's comparison)", ["mse_curves.png", "ciou_vs_mse_train.png", "ciou_vs_mse_test.png"]))
+REPORT_FIGURES = {"ciou_train_cm": "14(a)", "mse_train_cm": "14(b)", "ciou_test_cm": "17(a)",
+                  "mse_test_cm": "17(b)", "ciou_train_preds": "15", "mse_train_preds": "16",
+                  "ciou_test_preds": "18", "mse_test_preds": "19", "ciou_curves": "20"}
+# What results.json keeps of a run's settings (train.run_settings), and what results.md lists.
+EXPERIMENT_SETTINGS = ("demo", "device", "data_dir", *REPORT_SETTINGS, "eval_batch_size")
+SETTINGS_SHOWN = ("device", "data_dir", "n_train", "n_test", "n_val", *REPORT_SETTINGS, "torch",
+                  "wall_seconds", "earlier_wall_seconds", "n_synthetic_train", "n_synthetic_val",
+                  "synthetic_seed")
 # What a settings line of results.md counts, where its name alone could mislead.
 SETTING_NOTES = {
     "n_train": "images trained on", "n_test": "test images",
@@ -64,11 +93,67 @@ def run_dirs(out_dir):
 # ---------------------------------------------------------------------------------
 # results.md
 # ---------------------------------------------------------------------------------
+def mean(v):
+    """A number, or over seeds its spread's mean."""
+    return v["mean"] if isinstance(v, dict) else v
+
+
+def numbers_table(rows, baseline, coco):
+    """Both models' train and test numbers beside the report's; rows[(key, split)] gives
+    (accuracy cell, mean IoU cell), coco[(key, split)] the AP50 and AP cells."""
+    lines = ["| model | split | accuracy | mean IoU | report accuracy | report mean IoU | mean-box "
+             "baseline IoU | AP50 | AP |", "|---|---|---|---|---|---|---|---|---|"]
+    for split in ("train", "test"):
+        for key, name in MODELS:
+            rep = REPORT[key][split]
+            lines.append(f"| {name} | {split} | {' | '.join(rows[key, split])} | {100 * rep['accuracy']:.1f}% "
+                         f"| {rep['mean_iou']:.2f} | {mean(baseline[split]):.3f} | {' | '.join(coco[key, split])} |")
+    return lines + [""]
+
+
+def verdict_lines(test):
+    """Which model classifies better and which boxes better on the test set (test[key]:
+    accuracy and mean IoU), each set against the report's order."""
+    lines = []
+    for metric, what, ours_format, report_format in (
+            ("accuracy", "Classification (test accuracy)", "{:.1%}", "{:.1%}"),
+            ("mean_iou", "Boxes (test mean IoU)", "{:.3f}", "{:.2f}")):
+        def order(values, unit):
+            (a, va), (b, vb) = sorted(((name, values[key][metric]) for key, name in MODELS), key=lambda kv: -kv[1])
+            return (None if va == vb else a), f"{a} {unit.format(va)} against {b} {unit.format(vb)}"
+        ours, ours_text = order(test, ours_format)
+        theirs, theirs_text = order({key: REPORT[key]["test"] for key, _ in MODELS}, report_format)
+        verdict = (f"{ours} is the better, " + ("as in the report" if ours == theirs else "the reverse of the report")
+                   if ours else "the two are equal, unlike in the report")
+        lines.append(f"- {what}: {verdict} ({ours_text}; the report: {theirs_text}).")
+    return lines + [""]
+
+
+def differing_settings(s):
+    """A line for each setting of the run that is not the report's."""
+    def option(k, v):
+        return f"`--{k}`" if v is True else f"no `--{k}`" if v is False else f"`--{k} {v}`"
+    lines = [f"- {option(k, s[k])} (the report's: {option(k, v)}){': ' + WHY_IT_DIFFERS[k] if k in WHY_IT_DIFFERS else ''}"
+             for k, v in REPORT_SETTINGS.items() if k in s and s[k] != v]
+    if s.get("demo"):
+        lines.append("- the data: synthetic drawings (`--demo`), not COCO 2014")
+    lines += [f"- {k} {s[k]} (the report's: {n})" for k, n in REPORT_IMAGES.items() if s[k] != n]
+    return lines or ["- none"]
+
+
+def figure_lines():
+    lines = ["## Figures, as the report numbers them", "",
+             "Fig. 5 and the layer table: [model_sum.txt](model_sum.txt).", ""]
+    for title, files in FIGURES:
+        lines += [f"### {title}", "", " ".join(f"![{f}]({f})" for f in files), ""]
+    return lines
+
+
 def coco_markdown(coco):
     """The COCO metrics' table; coco[model][split] is a coco_metrics() dict (over seeds,
     its spread: the mean is shown)."""
     def cell(v):
-        v = v.get("mean") if isinstance(v, dict) else v
+        v = mean(v) if v is not None else None
         return "n/a" if v is None else f"{100 * v:.1f}"
 
     lines = ["COCO detection metrics (pycocotools' COCOeval, bbox, in the original images' pixels; "
@@ -80,7 +165,8 @@ def coco_markdown(coco):
             per_class = " | ".join(cell((c["per_class"].get(cls) or {}).get("AP")) for cls in CLASS_NAMES)
             lines.append(f"| {name} | {split} | {cell(c['AP'])} | {cell(c['AP50'])} | "
                          f"{cell(c['AP75'])} | {per_class} |")
-    return lines + [""]
+    return lines + [""], {(key, split): (cell(c["AP50"]), cell(c["AP"]))
+                          for key, _ in MODELS for split, c in coco[key].items()}
 
 
 def settings_lines(settings, keys):
@@ -88,19 +174,14 @@ def settings_lines(settings, keys):
             for k in keys if k in settings]
 
 
-def baseline_line(results):
-    return ["", f"Mean-box baseline (the training set's mean box for every test image): test mean "
-                f"IoU {results['baseline']['mean_box_test_iou']:.3f}.", ""]
-
-
 def comparison_lines(comparison):
     """Image by image, which model's box is the better (over seeds, the means)."""
     lines = []
     for split, c in comparison.items():
         seeds = isinstance(c["mse_better"], dict)
-        v = {k: c[k]["mean"] if seeds else c[k] for k in c}
+        v = {k: mean(c[k]) for k in c}
         count, over = ("{:.1f}", ", means over the seeds") if seeds else ("{}", "")
-        lines.append(f"Image by image on {split} ({v['n_images']:.0f} images{over}): "
+        lines.append(f"- Image by image on {split} ({v['n_images']:.0f} images{over}): "
                      f"the MSE model's box is the better on {count.format(v['mse_better'])}, the CIoU "
                      f"model's on {count.format(v['ciou_better'])}; mean IoU difference (MSE - CIoU) "
                      f"{v['mean_iou_difference']:+.3f} (`ciou_vs_mse_{split}.png`).")
@@ -108,20 +189,19 @@ def comparison_lines(comparison):
 
 
 def results_markdown(results):
-    """results.md: the run's table beside the report's, the baseline and the settings."""
+    """results.md of one run: its numbers beside the report's, the verdicts, what differs
+    from the report, the COCO metrics, the figures and the settings."""
     s = results["settings"]
+    coco_lines, coco = coco_markdown({key: {split: results[key][split]["coco"] for split in SPLITS
+                                            if split in results[key]} for key, _ in MODELS})
+    rows = {(key, split): (f"{100 * results[key][split]['accuracy']:.1f}%", f"{results[key][split]['mean_iou']:.3f}")
+            for key, _ in MODELS for split in ("train", "test")}
     lines = ["# HW5Net: CIoU vs MSE box loss", ""] + (DEMO_NOTE if s["demo"] else [])
-    lines += ["| model | split | accuracy | mean IoU | report accuracy | report mean IoU |",
-              "|---|---|---|---|---|---|"]
-    for split in ("train", "test"):
-        for key, name in MODELS:
-            ours, rep = results[key][split], REPORT[key][split]
-            lines.append(f"| {name} | {split} | {100 * ours['accuracy']:.1f}% | {ours['mean_iou']:.3f} "
-                         f"| {100 * rep['accuracy']:.1f}% | {rep['mean_iou']:.2f} |")
-    lines += baseline_line(results)
+    lines += ["The report's Section 4 numbers (its prose: the report has no results table) beside this "
+              "run's, with the mean-box baseline: the training set's mean box given to every image.", ""]
+    lines += numbers_table(rows, results["baseline"], coco)
+    lines += verdict_lines({key: results[key]["test"] for key, _ in MODELS})
     lines += comparison_lines(results["comparison"])
-    lines += coco_markdown({key: {split: results[key][split]["coco"] for split in SPLITS
-                                  if split in results[key]} for key, _ in MODELS})
     for key, name in MODELS:
         r = results[key]
         skipped = (f"; {r['skipped_steps']} training steps skipped for a non-finite loss or "
@@ -130,7 +210,9 @@ def results_markdown(results):
                      f"{r['select_on']}); {r['train_seconds']:.0f} s of epochs (training and per-epoch "
                      f"evaluation), {r['save_seconds']:.1f} s writing files ({r['files_written']}: "
                      f"checkpoints and the best model){skipped}")
-    lines += ["", "## Settings", ""] + settings_lines(s, SETTINGS_SHOWN)
+    lines += ["", "## Settings that differ from the report's", ""] + differing_settings(s) + [""]
+    lines += coco_lines + figure_lines()
+    lines += ["## Settings", ""] + settings_lines(s, SETTINGS_SHOWN)
     return "\n".join(lines) + "\n"
 
 
@@ -207,28 +289,26 @@ def aggregate_seed_folders(out_dir, seeds=None):
 
 def seeds_markdown(results):
     """OUT/results.md of a --seeds run: mean ± std (min to max) per model and split beside
-    the report's numbers, then a row per seed."""
+    the report's numbers, the verdicts on the means, then a row per seed."""
     s, seeds, agg = results["settings"], results["seeds"], results["aggregate"]
     lines = ["# HW5Net: CIoU vs MSE box loss, over seeds " + ", ".join(map(str, seeds)), ""]
     lines += DEMO_NOTE if s["demo"] else []
     lines += [f"Mean ± sample std (min to max) over {len(seeds)} training seeds; the data is the "
-              f"same for every seed.", "",
-              "| model | split | accuracy | mean IoU | report accuracy | report mean IoU |",
-              "|---|---|---|---|---|---|"]
-    for split in SPLITS:
-        for key, name in MODELS:
-            if split not in agg[key]:
-                continue
-            a, m = agg[key][split]["accuracy"], agg[key][split]["mean_iou"]
-            rep = REPORT[key].get(split)
-            report = f"{100 * rep['accuracy']:.1f}% | {rep['mean_iou']:.2f}" if rep else "| "
-            lines.append(f"| {name} | {split} | {100 * a['mean']:.1f}% ± {100 * a['std']:.1f} "
-                         f"({100 * a['min']:.1f} to {100 * a['max']:.1f}) | {m['mean']:.3f} ± "
-                         f"{m['std']:.3f} ({m['min']:.3f} to {m['max']:.3f}) | {report} |")
-    lines += baseline_line(results)
+              f"same for every seed.", ""]
+
+    def cell(v, fmt):
+        return f"{fmt(v['mean'])} ± {fmt(v['std'])} ({fmt(v['min'])} to {fmt(v['max'])})"
+    coco_lines, coco = coco_markdown({key: {split: agg[key][split]["coco"] for split in SPLITS
+                                            if split in agg[key]} for key, _ in MODELS})
+    rows = {(key, split): (cell(agg[key][split]["accuracy"], lambda v: f"{100 * v:.1f}%"),
+                           cell(agg[key][split]["mean_iou"], lambda v: f"{v:.3f}"))
+            for key, _ in MODELS for split in ("train", "test")}
+    lines += numbers_table(rows, results["baseline"], coco)
+    lines += verdict_lines({key: {m: agg[key]["test"][m]["mean"] for m in ("accuracy", "mean_iou")}
+                            for key, _ in MODELS})
     lines += comparison_lines(agg["comparison"])
-    lines += coco_markdown({key: {split: agg[key][split]["coco"] for split in SPLITS
-                                  if split in agg[key]} for key, _ in MODELS})
+    lines += ["## Settings that differ from the report's", ""] + differing_settings(s) + [""]
+    lines += coco_lines
     lines += ["## Each seed", "",
               "| seed | model | best epoch | train accuracy | train mean IoU | test accuracy | test mean IoU |",
               "|---|---|---|---|---|---|---|"]
@@ -238,7 +318,9 @@ def seeds_markdown(results):
             lines.append(f"| {seed} | {name} | {r['best_epoch']} of {r['epochs_trained']} | "
                          f"{100 * r['train']['accuracy']:.1f}% | {r['train']['mean_iou']:.3f} | "
                          f"{100 * r['test']['accuracy']:.1f}% | {r['test']['mean_iou']:.3f} |")
-    lines += ["", "Each seed's run, figures and results are in `seed{k}/`.", "", "## Settings", ""]
+    lines += ["", "Each seed's run, figures and results: "
+              + ", ".join(f"[seed{k}/results.md](seed{k}/results.md)" for k in seeds) + ".", "",
+              "## Settings", ""]
     lines += settings_lines(s, SETTINGS_SHOWN + ("seeds",))
     return "\n".join(lines) + "\n"
 
@@ -254,18 +336,30 @@ def keep_earlier_wall_seconds(settings, path):
 
 
 # ---------------------------------------------------------------------------------
-# Figures from saved predictions, and the check of a handed-in OUT
+# Figures from saved predictions
 # ---------------------------------------------------------------------------------
+def figure_title(stem, text):
+    """A figure's title, led by its number in the report (none: not in the report)."""
+    number = REPORT_FIGURES.get(stem)
+    return f"Fig. {number} (report): {text}" if number else f"{text} (not in the report)"
+
+
 def draw_split_figures(run_dir, key, loss_name, split, images, predictions, metrics, best_epoch, seed):
     """One model's confusion matrix (Figs. 14, 17) and prediction grid (Figs. 15, 16, 18,
     19) on one split, from its prediction records and saved metrics: the first drawing
     and --redraw both go through here."""
-    plot_cm(metrics["confusion_matrix"], os.path.join(run_dir, f"{key}_{split}_cm.png"), loss_name,
-            split, metrics["accuracy"], metrics["mean_iou"])
-    display_preds(images, predictions_from_records(predictions),
-                  os.path.join(run_dir, f"{key}_{split}_preds.png"),
-                  f"{loss_name} model on {split} data (best epoch {best_epoch}): "
-                  f"ground truth green, prediction red", seed=seed)
+    plot_cm(metrics["confusion_matrix"], os.path.join(run_dir, f"{key}_{split}_cm.png"),
+            figure_title(f"{key}_{split}_cm", f"HW5Net, {loss_name} loss, {split} data"),
+            metrics["accuracy"], metrics["mean_iou"])
+    display_preds(images, predictions_from_records(predictions), os.path.join(run_dir, f"{key}_{split}_preds.png"),
+                  figure_title(f"{key}_{split}_preds", f"{loss_name} model on {split} data (best epoch "
+                                                       f"{best_epoch}): ground truth green, prediction red"),
+                  seed=seed)
+
+
+def draw_curves(run_dir, key, loss_name, history):
+    plot_history(history, os.path.join(run_dir, f"{key}_curves.png"), loss_name,
+                 figure_title(f"{key}_curves", f"training curves of the {loss_name} model"))
 
 
 def compare_models(ciou_records, mse_records):
@@ -326,69 +420,11 @@ def redraw(out_dir, data_dir=None):
                 draw_split_figures(run_dir, key, loss_name, split, images[split], records[split][key],
                                    results[key][split], history["best_epoch"], results["settings"]["seed"])
                 drawn += [os.path.join(run_dir, f"{key}_{split}_{kind}.png") for kind in ("cm", "preds")]
-            plot_history(history, os.path.join(run_dir, f"{key}_curves.png"), loss_name)
+            draw_curves(run_dir, key, loss_name, history)
             drawn.append(os.path.join(run_dir, f"{key}_curves.png"))
         for split, pair in records.items():
             draw_comparison(run_dir, split, images[split], pair["ciou"], pair["mse"], results["settings"]["seed"])
             drawn.append(os.path.join(run_dir, f"ciou_vs_mse_{split}.png"))
+        plot_images(data, os.path.join(run_dir, "sample_images.png"))
+        drawn.append(os.path.join(run_dir, "sample_images.png"))
     return drawn
-
-
-def metrics_of_records(predictions):
-    """Accuracy, mean IoU (from the boxes, not the records' IoUs) and the confusion matrix,
-    recomputed from prediction records."""
-    p = predictions_from_records(predictions)
-    return {"accuracy": float((p["label"] == p["pred_label"]).double().mean()),
-            "mean_iou": float(box_iou_per_image(p["pred_box"], p["box"]).numpy().mean(dtype=np.float64)),
-            "confusion_matrix": confusion_matrix(p["label"], p["pred_label"]).tolist()}
-
-
-def _compare(what, saved, recomputed, tolerance, problems):
-    for k, v in recomputed.items():
-        if isinstance(v, float) and isinstance(saved[k], float):
-            differs = abs(v - saved[k]) > tolerance
-        else:  # a confusion matrix, or a metric that is None
-            differs = v != saved[k]
-        if differs:
-            problems.append(f"{what}: {k} is {saved[k]} in results.json, {v} recomputed")
-
-
-def check(out_dir, data_dir=None, device=torch.device("cpu"), tolerance=0.005):
-    """The TA's check of a handed-in OUT, reading only: every split's accuracy, mean IoU,
-    confusion matrix and COCO AP recomputed from the saved predictions and set against
-    results.json; where a model's best_model.pt is there, the model is evaluated again
-    on DATA and set against them (within tolerance: another machine's float sums differ).
-    Returns (lines checked, problems)."""
-    checked, problems = [], []
-    for run_dir in run_dirs(out_dir) if os.path.isdir(out_dir) else [out_dir]:
-        for key, loss_name in MODELS:
-            results, history, data = read_run(run_dir, key, data_dir)
-            best = RunFiles(os.path.join(run_dir, key)).best
-            model = None
-            if os.path.exists(best):
-                arch = history["settings"]
-                model = HW5Net(width=arch["width"], n_blocks=arch["n_blocks"],
-                               learnable_res=arch["learnable_res"])
-                load_model_state(model, load_checkpoint(best), best)
-                model.to(device)
-            for split in [split for split in SPLITS if split in results[key]]:
-                saved, what = results[key][split], f"{run_dir} {loss_name} {split}"
-                predictions = read_predictions(run_dir, key, split)
-                # 1e-6: the IoUs of a GPU run, recomputed on the CPU, may differ in the last bit
-                _compare(what, saved, metrics_of_records(predictions), 1e-6, problems)
-                dataset = MyCOCODataset(data, train=split != "test", files=[r["file_name"] for r in predictions])
-                coco_path = os.path.join(run_dir, key, f"coco_results_{split}.json")
-                coco = coco_metrics(coco_ground_truth(dataset.files, dataset.data),
-                                    read_json(coco_path, "COCO-format detections"))
-                _compare(what, saved["coco"], {k: coco[k] for k in ("AP", "AP50", "AP75")}, 1e-9, problems)
-                if model is not None:
-                    again = evaluation(model, DeviceBatches(dataset, 64, device), torch.nn.CrossEntropyLoss(),
-                                       lambda p, t: p.new_zeros(()), device,
-                                       order=not history["settings"]["raw_boxes"],
-                                       amp=history["settings"]["amp"])[1]
-                    _compare(f"{what} (evaluated again)", saved,
-                             {k: again[k] for k in ("accuracy", "mean_iou")}, tolerance, problems)
-                checked.append(f"{what}: accuracy {saved['accuracy']:.4f}, mean IoU "
-                               f"{saved['mean_iou']:.4f}, AP50 {saved['coco']['AP50']:.4f}"
-                               + (" (model evaluated again)" if model is not None else ""))
-    return checked, problems

@@ -9,7 +9,6 @@ model kept by round(test accuracy, 3) + (1 - test box loss). OUT receives histor
 best_model.pt and, while the run trains, checkpoint.pt (docs/runs.md).
 """
 import argparse
-import contextlib
 import logging
 import math
 import os
@@ -21,13 +20,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from checkpoints import (CheckpointWriter, RunFiles, StopOnSigterm, best_weights, check_same_settings,
-                         checkpoint_state, host_copy, load_checkpoint, restore, save)
-from Dataset import MyCOCODataset
+from checkpoints import CheckpointWriter, RunFiles, checkpoint_state
+from cli import HelpFormatter, Sigterm, UserError, command, out_dir_problem
+from Dataset import MyCOCODataset, hold_out
 from devices import (DEVICE_HELP, DeviceBatches, NonFiniteGuard, accumulator_dtype, autocast, autocast_problem,
                      pick_device, release_freed_memory, reuse_freed_memory, set_gpu_options)
-from files import HelpFormatter, UserError, command, held_lock, out_dir_problem, write_json
-from network import ARCHITECTURE, HW5Net
+from network import ARCHITECTURE, build_model
+from outputs import held_lock, write_json
 from utils import CompleteIOULoss, box_iou_per_image, evaluation, order_boxes
 
 log = logging.getLogger("train")
@@ -106,60 +105,77 @@ def check_training_args(args, device, n_train=None):
         raise UserError(f"--val_fraction must lie in [0, 1), not {args.val_fraction}")
     if args.amp and (problem := autocast_problem(device)):
         raise UserError(f"--amp: {problem}; run without --amp")
+    if args.tf32 and args.strict_fp32:
+        raise UserError("--tf32 and --strict_fp32 contradict each other: give one")
+
+
+class RunningMeans:
+    """The epoch's per-image sums of METRICS, kept on the device so that no step waits for the
+    host, and its skipped steps; a skipped step adds nothing to the sums."""
+
+    def __init__(self, device):
+        self.sums = torch.zeros(len(METRICS) + 1, device=device, dtype=accumulator_dtype(device))  # + images
+        self.skipped = torch.zeros((), device=device)
+        self.skipped_in_a_row = torch.zeros((), device=device)
+
+    def add(self, cross_entropy, box_loss, correct, iou_sum, n_images, skipped):
+        dtype = self.sums.dtype
+        batch = torch.cat([torch.stack([cross_entropy, box_loss]).to(dtype) * n_images,
+                           correct.to(dtype).reshape(1), iou_sum.to(dtype).reshape(1),
+                           self.sums.new_full((1,), n_images)])
+        self.sums += batch.masked_fill(skipped.bool(), 0)  # masked, not multiplied: NaN * 0 is NaN
+        self.skipped += skipped
+        self.skipped_in_a_row.mul_(skipped).add_(skipped)
+
+    def means(self):
+        return dict(zip(METRICS, (self.sums[:-1] / self.sums[-1]).tolist()))  # a host sync
 
 
 def train_one_epoch(model, batches, optimizer, criterion_cls, criterion_box, device, epoch, lr=None,
                     order=True, single_backward=False, amp=False, progress=True):
     """One pass over batches; lr (a LearningRate) sets each step's rate. Returns the running
-    means over images (train mode, as the report logged them) and skipped_steps (steps with
-    a non-finite loss or gradient: they changed nothing and are left out of the means). The
-    host reads the device every CHECK_EVERY steps only (each step where Adam is not fused)."""
+    means over images (train mode, as the report logged them) and skipped_steps: steps with
+    a non-finite loss or gradient, which changed nothing and are left out of the means. The
+    host reads the device every CHECK_EVERY steps only."""
     model.train()
     guard = NonFiniteGuard(optimizer, device)
-    acc = accumulator_dtype(device)
-    sums = torch.zeros(5, device=device, dtype=acc)  # ce, box, correct, IoU (summed over images), images
-    skipped = torch.zeros((), device=device)
-    streak = torch.zeros((), device=device)  # skipped steps in a row
+    running = RunningMeans(device)
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress)
     for step, batch in enumerate(bar):
-        images, labels, boxes = (batch[k].to(device, non_blocking=True) for k in ("image", "label", "bbox"))
-        optimizer.zero_grad(set_to_none=True)
+        images, labels, boxes = batch["image"], batch["label"], batch["bbox"]  # on the device
         if lr is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr((epoch - 1) * len(batches) + step)
+        optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp):
-            logits, raw = model(images)
-        logits, raw = logits.float(), raw.float()
-        pred_box = order_boxes(raw) if order else raw
-        ce = criterion_cls(logits, labels)
-        box_loss = criterion_box(pred_box, boxes)
+            logits, raw_boxes = model(images)
+        logits, raw_boxes = logits.float(), raw_boxes.float()
+        pred_boxes = order_boxes(raw_boxes) if order else raw_boxes
+        cross_entropy = criterion_cls(logits, labels)
+        box_loss = criterion_box(pred_boxes, boxes)
         if single_backward:
-            (ce + box_loss).backward()  # the same gradients, one pass back through the trunk
+            (cross_entropy + box_loss).backward()  # the same gradients, one pass back through the trunk
         else:
-            ce.backward(retain_graph=True)  # report Fig. 12
+            cross_entropy.backward(retain_graph=True)  # report Fig. 12
             box_loss.backward()
-        found = guard.check(ce.detach() + box_loss.detach())
-        guard.step()
-        bs = labels.shape[0]
+        skipped = guard.check(cross_entropy.detach() + box_loss.detach())
+        if guard.allows_step():
+            optimizer.step()  # fused Adam holds `skipped` as its found_inf: a skipped step changes nothing
         with torch.no_grad():
-            batch_sums = torch.cat([torch.stack([ce, box_loss]).to(acc) * bs,
-                                    (logits.argmax(1) == labels).sum().to(acc).reshape(1),
-                                    box_iou_per_image(pred_box, boxes).sum().to(acc).reshape(1),
-                                    sums.new_full((1,), bs)])
-            sums += batch_sums.masked_fill(found.bool(), 0)
-            skipped += found
-            streak.mul_(found).add_(found)
+            running.add(cross_entropy, box_loss, (logits.argmax(1) == labels).sum(),
+                        box_iou_per_image(pred_boxes, boxes).sum(), labels.shape[0], skipped)
         if (step + 1) % CHECK_EVERY == 0 or step + 1 == len(batches):
-            means = (sums[:4] / sums[4]).tolist()  # the host sync
-            n_streak = int(streak)
-            if n_streak >= min(CHECK_EVERY, step + 1):
-                raise UserError(f"non-finite loss or gradient in epoch {epoch}, {n_streak} step(s) in a "
-                                f"row (the last: cross-entropy {ce.item()}, box loss {box_loss.item()}); "
-                                f"none of them changed the weights. Stopped; OUT keeps the best model "
-                                f"so far and the last checkpoint, if one was written (try a lower --lr)")
-            bar.set_postfix(ce=f"{means[0]:.3f}", box=f"{means[1]:.3f}", acc=f"{means[2]:.3f}")
-    means = (sums[:4] / sums[4]).tolist()
-    return {**dict(zip(METRICS, means)), "skipped_steps": int(skipped)}
+            means = running.means()
+            in_a_row = int(running.skipped_in_a_row)
+            if in_a_row >= min(CHECK_EVERY, step + 1):
+                raise UserError(f"non-finite loss or gradient in epoch {epoch}, {in_a_row} step(s) in a "
+                                f"row (the last: cross-entropy {cross_entropy.item()}, box loss "
+                                f"{box_loss.item()}); none of them changed the weights. Stopped; OUT keeps "
+                                f"the best model so far and the last checkpoint, if one was written (try "
+                                f"a lower --lr)")
+            bar.set_postfix(ce=f"{means['cross_entropy']:.3f}", box=f"{means['box_loss']:.3f}",
+                            acc=f"{means['accuracy']:.3f}")
+    return {**running.means(), "skipped_steps": int(running.skipped)}
 
 
 def selection_score(metrics):
@@ -177,137 +193,108 @@ def run_settings(args, device):
     return settings
 
 
+def new_history(splits, select_on, loss_name):
+    history = {split: {m: [] for m in METRICS} for split in splits}
+    history.update(epoch_seconds=[], save_seconds=[], skipped_steps=[], best_epoch=None,
+                   best_score=None, select_on=select_on, loss=loss_name)
+    return history
+
+
+def record_epoch(history, epoch, results, seconds):
+    """The epoch's metrics into history, and the report's selection rule: True when this
+    epoch is the best so far."""
+    for split, metrics in results.items():
+        for m in METRICS:
+            history[split][m].append(metrics[m])
+    history["skipped_steps"].append(results["train"]["skipped_steps"])
+    history["epoch_seconds"].append(round(seconds, 3))
+    score = selection_score(results[history["select_on"]])
+    if history["best_score"] is None or score > history["best_score"]:
+        history["best_score"], history["best_epoch"] = score, epoch
+        return True
+    return False
+
+
 def train(model, train_set, test_set, out_dir, args, device, val_set=None, progress=True):
     """Train model for args.epochs, evaluating test_set (and val_set) after each epoch and
     keeping the best by the report's rule. Returns (model, history). With args.resume the
-    run goes on from checkpoint.pt or, in an empty out_dir, starts (one command for the first
-    start and every requeue); a finished run is returned as it is. out_dir is locked while
-    the run writes; SIGTERM stops it after the epoch in progress, with a checkpoint."""
+    run goes on from checkpoint.pt or, in an empty out_dir, starts (one command for the
+    first start and every requeue); a finished run is returned as it is. After a SIGTERM
+    the run stops after the epoch in progress, with a checkpoint (cli.Sigterm)."""
     files = RunFiles(out_dir)
     if files.holds_a_run() and not args.resume:
         raise UserError(f"{out_dir} already holds a run; pass --resume to continue it, or choose "
                         f"another --out_dir")
     check_training_args(args, device, len(train_set))
     os.makedirs(out_dir, exist_ok=True)
-    with held_lock(os.path.join(out_dir, ".lock")), StopOnSigterm() as stop:
-        return train_locked(model, train_set, test_set, files, args, device, val_set, progress, stop)
-
-
-def train_locked(model, train_set, test_set, files, args, device, val_set, progress, stop):
-    """train() once its folder is locked."""
-    if stop.requested:  # in the process's previous run's last epoch
-        stop.stop(f"before training {files.out_dir}")
-    files.remove_partial_writes()
-    seed_everything(args.seed)
-    set_gpu_options(args.tf32, args.cudnn_benchmark)
-    model.to(device)
-    settings = run_settings(args, device)
-    resuming = args.resume and os.path.exists(files.checkpoint)
-    if args.resume and os.path.exists(files.history) and files.read_history()["finished"]:
-        if done := files.finished(args.epochs, settings, model):
+    with held_lock(os.path.join(out_dir, ".lock")):  # one process writes a run
+        Sigterm.stop_here(f"before training {out_dir}")
+        files.remove_partial_writes()
+        seed_everything(args.seed)
+        set_gpu_options(args.tf32, args.strict_fp32, args.cudnn_benchmark)
+        model.to(device)
+        settings = run_settings(args, device)
+        if args.resume and (done := files.finished(args.epochs, settings, model)):
             return done
-    elif not resuming:
-        log.info("%s in %s", "starting again from epoch 1 (no checkpoint yet)"
-                 if files.holds_a_run() else "starting a new run", files.out_dir)
-    if device.type == "cpu" and not args.system_malloc and reuse_freed_memory():
-        log.info("malloc keeps freed blocks for reuse (--system_malloc leaves it alone)")
-    optimizer = make_optimizer(model, args.lr, (args.beta1, args.beta2))
-    criterion_cls, criterion_box, loss_name = make_criteria(args.loss)
-    generator = torch.Generator().manual_seed(args.seed)
-    drop_last = drops_small_last_batch(len(train_set), args.batch_size)
-    if drop_last:
-        log.info("%d training images at batch %d: the last batch, of %d, is skipped each epoch",
-                 len(train_set), args.batch_size, len(train_set) % args.batch_size)
-    train_batches = DeviceBatches(train_set, args.batch_size, device, generator, args.augment, drop_last)
-    lr = LearningRate(args.lr, args.lr_schedule, args.epochs, len(train_batches), args.warmup_epochs)
-    eval_batches = {split: DeviceBatches(data, args.eval_batch_size, device)
-                    for split, data in (("test", test_set), ("val", val_set)) if data is not None}
-    select_on = "val" if val_set is not None else "test"
-    history = {split: {m: [] for m in METRICS} for split in ["train", *eval_batches]}
-    history.update(epoch_seconds=[], save_seconds=[], skipped_steps=[], best_epoch=None,
-                   best_score=None, select_on=select_on, loss=loss_name)
-    start_epoch = 1
-    if resuming:
-        ckpt = load_checkpoint(files.checkpoint)
-        check_same_settings(ckpt["settings"], settings, files.checkpoint)
-        if ckpt["epoch"] > args.epochs:
-            raise UserError(f"{files.checkpoint} is at epoch {ckpt['epoch']}, past --epochs {args.epochs}")
-        restore(ckpt, files.checkpoint, model, optimizer, generator, device)
-        files.commit_best(ckpt)
-        history, start_epoch = ckpt["history"], ckpt["epoch"] + 1
-        log.info("continuing the run in %s after epoch %d", files.out_dir, ckpt["epoch"])
-        del ckpt
-    history.update(settings=settings, finished=False)
-    log.info("training HW5Net with %s on %s: %d train, %d %s images, %d epochs, batch %d",
-             loss_name, device, len(train_set), len(eval_batches[select_on].dataset), select_on,
-             args.epochs, args.batch_size)
-    writer = CheckpointWriter(files, background=device.type == "cuda")
-    best_state = None  # the best epoch's weights, until best_model.pt has them
-    since_checkpoint = time.perf_counter()
-    try:
-        for epoch in range(start_epoch, args.epochs + 1):
-            t0 = time.perf_counter()
-            metrics = train_one_epoch(model, train_batches, optimizer, criterion_cls, criterion_box,
-                                      device, epoch, lr, order=not args.raw_boxes,
-                                      single_backward=args.single_backward, amp=args.amp, progress=progress)
-            results = {"train": metrics}
-            for split, data in eval_batches.items():
-                _, results[split] = evaluation(model, data, criterion_cls, criterion_box, device,
-                                               order=not args.raw_boxes, amp=args.amp)
-            for split, res in results.items():
-                for m in METRICS:
-                    history[split][m].append(res[m])
-            history["skipped_steps"].append(metrics["skipped_steps"])
-            history["epoch_seconds"].append(round(time.perf_counter() - t0, 3))
-            score = selection_score({m: history[select_on][m][-1] for m in METRICS})
-            if history["best_score"] is None or score > history["best_score"]:
-                history["best_score"], history["best_epoch"] = score, epoch
-                best_state = best_weights(model)
-            log_epoch(history, epoch, args.epochs, select_on)
-            last = epoch == args.epochs
-            due = time.perf_counter() - since_checkpoint >= 60 * args.checkpoint_minutes or stop.requested
-            if (due and not last) or (last and args.keep_checkpoint):
-                history["save_seconds"] += writer.wait()
-                state = checkpoint_state(model, optimizer, epoch, history, generator, device, settings)
-                writer.write(epoch, host_copy(state) if writer.background else state, best_state)
-                best_state = None
-                since_checkpoint = time.perf_counter()
-            write_json(history, files.history)
-            if stop.requested and not last:
-                writer.wait()
-                stop.stop(f"after epoch {epoch} of {args.epochs}, with a checkpoint")
-        if best_state is not None:
-            writer.write_best(args.epochs, best_state)
-            best_state = None
-        history["save_seconds"] += writer.wait()
-    finally:  # an error or Ctrl-C: finish a write, keep the best weights so far
-        if best_state is not None or writer.thread is not None:
-            with contextlib.suppress(Exception):
-                writer.wait()
-                if best_state is not None:
-                    save(host_copy(best_state), files.best)
-    history["finished"] = True
-    write_json(history, files.history)  # before the checkpoint goes: a finished run is never retrained
-    if not args.keep_checkpoint and os.path.exists(files.checkpoint):
-        os.remove(files.checkpoint)
+        if device.type == "cpu" and not args.system_malloc and reuse_freed_memory():
+            log.info("malloc keeps freed blocks for reuse (--system_malloc leaves it alone)")
+        optimizer = make_optimizer(model, args.lr, (args.beta1, args.beta2))
+        criterion_cls, criterion_box, loss_name = make_criteria(args.loss)
+        generator = torch.Generator().manual_seed(args.seed)  # the batch order, and --augment's flips
+        train_batches = DeviceBatches(train_set, args.batch_size, device, generator, args.augment,
+                                      drop_last=drops_small_last_batch(len(train_set), args.batch_size))
+        lr = LearningRate(args.lr, args.lr_schedule, args.epochs, len(train_batches), args.warmup_epochs)
+        eval_batches = {split: DeviceBatches(data, args.eval_batch_size, device)
+                        for split, data in (("test", test_set), ("val", val_set)) if data is not None}
+        select_on = "val" if val_set is not None else "test"
+        history, start = files.start_or_resume(new_history(["train", *eval_batches], select_on, loss_name),
+                                               settings, model, optimizer, generator, device)
+        log.info("training HW5Net with %s on %s: %d train, %d %s images, %d epochs, batch %d", loss_name,
+                 device, len(train_set), len(eval_batches[select_on].dataset), select_on, args.epochs,
+                 args.batch_size)
+        with CheckpointWriter(files, background=device.type == "cuda") as writer:
+            for epoch in range(start, args.epochs + 1):
+                t0 = time.perf_counter()
+                results = {"train": train_one_epoch(
+                    model, train_batches, optimizer, criterion_cls, criterion_box, device, epoch, lr,
+                    order=not args.raw_boxes, single_backward=args.single_backward, amp=args.amp,
+                    progress=progress)}
+                for split, batches in eval_batches.items():
+                    results[split] = evaluation(model, batches, criterion_cls, criterion_box, device,
+                                                order=not args.raw_boxes, amp=args.amp)[1]
+                if record_epoch(history, epoch, results, time.perf_counter() - t0):
+                    writer.keep_best(model)
+                log_epoch(history, epoch, args.epochs)
+                last = epoch == args.epochs
+                if (not last and (writer.due(args.checkpoint_minutes) or Sigterm.received)
+                        or last and args.keep_checkpoint):
+                    history["save_seconds"] += writer.wait()
+                    writer.checkpoint(epoch, checkpoint_state(model, optimizer, epoch, history, generator,
+                                                              device, settings))
+                if Sigterm.received and not last:
+                    history["save_seconds"] += writer.wait()  # the checkpoint is on disk
+                write_json(history, files.history)
+                if not last:
+                    Sigterm.stop_here(f"after epoch {epoch} of {args.epochs} in {out_dir}, with a checkpoint")
+            history["save_seconds"] += writer.close(args.epochs)
+        history["finished"] = True
+        write_json(history, files.history)  # before the checkpoint goes: a finished run is never retrained
+        if not args.keep_checkpoint and os.path.exists(files.checkpoint):
+            os.remove(files.checkpoint)
     release_freed_memory()
     return model, history
 
 
-def log_epoch(history, epoch, epochs, select_on):
-    t, s, loss = history["train"], history[select_on], history["loss"]
+def log_epoch(history, epoch, epochs):
+    train, chosen, loss = history["train"], history[history["select_on"]], history["loss"]
     log.info("epoch %d/%d: train ce %.4f %s %.4f acc %.3f mIoU %.3f | %s ce %.4f %s %.4f acc %.3f "
-             "mIoU %.3f | %.1fs%s", epoch, epochs, t["cross_entropy"][-1], loss, t["box_loss"][-1],
-             t["accuracy"][-1], t["mean_iou"][-1], select_on, s["cross_entropy"][-1], loss,
-             s["box_loss"][-1], s["accuracy"][-1], s["mean_iou"][-1], history["epoch_seconds"][-1],
-             " (best)" if history["best_epoch"] == epoch else "")
+             "mIoU %.3f | %.1fs%s", epoch, epochs, train["cross_entropy"][-1], loss, train["box_loss"][-1],
+             train["accuracy"][-1], train["mean_iou"][-1], history["select_on"], chosen["cross_entropy"][-1],
+             loss, chosen["box_loss"][-1], chosen["accuracy"][-1], chosen["mean_iou"][-1],
+             history["epoch_seconds"][-1], " (best)" if history["best_epoch"] == epoch else "")
     if history["skipped_steps"][-1]:
         log.warning("epoch %d: %d steps with a non-finite loss or gradient were skipped",
                     epoch, history["skipped_steps"][-1])
-
-
-def build_model(args):
-    return HW5Net(width=args.width, n_blocks=args.n_blocks, learnable_res=args.learnable_res)
 
 
 def load_datasets(args, progress=True):
@@ -316,10 +303,8 @@ def load_datasets(args, progress=True):
     train_set = MyCOCODataset(args.data_dir, train=True, progress=progress)
     val_set = None
     if args.val_fraction:
-        perm = np.random.default_rng(args.seed).permutation(len(train_set.files))
-        n_val = max(1, round(args.val_fraction * len(perm)))
-        val_set = train_set.subset(sorted(train_set.files[i] for i in perm[:n_val]))
-        train_set = train_set.subset(sorted(train_set.files[i] for i in perm[n_val:]))
+        train_files, val_files = hold_out(train_set.files, args.val_fraction)
+        train_set, val_set = train_set.subset(train_files), train_set.subset(val_files)
     return train_set, MyCOCODataset(args.data_dir, train=False, progress=progress), val_set
 
 
@@ -354,7 +339,11 @@ def add_training_args(p):
     g = p.add_argument_group("devices and speed")
     g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--amp", action="store_true", help="bfloat16 autocast of the forward passes, on any device")
-    g.add_argument("--tf32", action="store_true", help="CUDA: TF32 matrix products (the report's were float32)")
+    g.add_argument("--tf32", action="store_true",
+                   help="CUDA: TF32 matrix products too (by default, as in the report's run, only cuDNN's "
+                        "convolutions use TF32)")
+    g.add_argument("--strict_fp32", action="store_true",
+                   help="CUDA: no TF32 anywhere, convolutions included (to compare with a CPU run)")
     g.add_argument("--cudnn_benchmark", action="store_true",
                    help="CUDA: cuDNN picks the fastest convolutions, not deterministically")
     g.add_argument("--system_malloc", action="store_true",
@@ -397,4 +386,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    command(lambda: main(get_args_parser().parse_args()), log)
+    command(lambda: main(get_args_parser().parse_args()), log, stops_on_sigterm=True)

@@ -8,12 +8,17 @@ import contextlib
 import io
 import math
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
 
-from Dataset import CLASS_NAMES, COCO_IDS, IMAGE_SIZE, draw_box, pyplot, save_figure
 from devices import accumulator_dtype, autocast
+from outputs import atomic_write
+
+IMAGE_SIZE = 256  # the network's input, and the dataset's images: IMAGE_SIZE x IMAGE_SIZE
+CLASS_NAMES = ("bus", "cat", "pizza")
+COCO_IDS = (6, 17, 59)  # sorted COCO ids -> class indices 0, 1, 2
 
 GREEN, RED, BLUE = (0, 255, 0), (255, 0, 0), (0, 90, 255)  # RGB: ground truth, CIoU (a prediction), MSE
 
@@ -42,6 +47,13 @@ def box_iou_per_image(pred, target):
     inter = iw * ih
     union = pw * ph + tw * th - inter
     return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(union))
+
+
+def mean_box_baseline(train_boxes, boxes):
+    """Mean IoU of one box for every image, the training set's mean box: what a model scores
+    that learned nothing about where the object is."""
+    mean_box = train_boxes.float().mean(0, keepdim=True).expand_as(boxes)
+    return float(box_iou_per_image(mean_box, boxes.float()).mean())
 
 
 def inverted_fraction(pred):
@@ -247,7 +259,41 @@ def coco_metrics(gt, results):
 # ---------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------
-def plot_cm(cm, out_path, loss_name, split, accuracy, mean_iou):
+def pyplot():
+    """matplotlib.pyplot drawing to files only (no window, also on a machine with a display)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, out_path, dpi=100):
+    """A matplotlib figure to a PNG, atomically, and closed."""
+    atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    pyplot().close(fig)
+
+
+def draw_box(img, box_xyxy, colour, text, thickness=2, label_at="top", font_scale=0.45):
+    """Draw a box and its label on an RGB uint8 image in place (cv2, as the report), the
+    label on a tab above the box (label_at="top") or below it, kept inside the image."""
+    x1, y1, x2, y2 = (int(round(v)) for v in box_xyxy)
+    cv2.rectangle(img, (x1, y1), (x2, y2), colour, thickness)
+    weight = max(1, round(font_scale / 0.45))
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, weight)
+    tab_h = th + base + 3
+    if label_at == "top":
+        top = y1 - tab_h if y1 - tab_h >= 0 else y1
+    else:
+        top = y2 if y2 + tab_h <= img.shape[0] else y2 - tab_h
+    top = min(max(top, 0), img.shape[0] - tab_h)
+    left = min(max(x1, 0), max(img.shape[1] - tw - 4, 0))
+    cv2.rectangle(img, (left, top), (left + tw + 4, top + tab_h), colour, -1)
+    cv2.putText(img, text, (left + 2, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0),
+                weight, cv2.LINE_AA)
+    return img
+
+
+def plot_cm(cm, out_path, title, accuracy, mean_iou):
     """Report Figs. 14 and 17: confusion-matrix heatmap with accuracy and mean IoU."""
     import seaborn as sns
     plt = pyplot()
@@ -257,8 +303,7 @@ def plot_cm(cm, out_path, loss_name, split, accuracy, mean_iou):
                 xticklabels=CLASS_NAMES, yticklabels=CLASS_NAMES, annot_kws={"fontsize": 12})
     ax.set_xlabel("Predicted label")
     ax.set_ylabel("True label")
-    ax.set_title(f"HW5Net, {loss_name} loss, {split} data\n"
-                 f"accuracy {100 * accuracy:.1f}%, mean IoU {mean_iou:.3f}", fontsize=11)
+    ax.set_title(f"{title}\naccuracy {100 * accuracy:.1f}%, mean IoU {mean_iou:.3f}", fontsize=10)
     fig.tight_layout()
     save_figure(fig, out_path)
 
@@ -347,12 +392,12 @@ def display_comparison(images, ciou, mse, out_path, title, per_class=5, seed=0, 
     save_figure(fig, out_path)
 
 
-def plot_history(history, out_path, loss_name=""):
+def plot_history(history, out_path, loss_name, title):
     """Report Fig. 20: cross-entropy, box loss, accuracy and mean IoU per epoch, train
     and test. history = {"train": {metric: [per epoch]}, "test": {...}}."""
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
-    metrics = (("cross_entropy", "cross-entropy"), ("box_loss", f"{loss_name} box loss".strip()),
+    metrics = (("cross_entropy", "cross-entropy"), ("box_loss", f"{loss_name} box loss"),
                ("accuracy", "accuracy"), ("mean_iou", "mean IoU"))
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
     for ax, (key, label) in zip(axes, metrics):
@@ -365,6 +410,6 @@ def plot_history(history, out_path, loss_name=""):
         ax.set_title(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"Training curves{', ' + loss_name + ' model' if loss_name else ''}", fontsize=12)
+    fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     save_figure(fig, out_path)

@@ -25,7 +25,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from files import HelpFormatter, UserError, read_json, write_json, write_text  # noqa: E402
+from cli import HelpFormatter, UserError  # noqa: E402
+from outputs import read_json, write_json, write_text  # noqa: E402
 
 log = logging.getLogger("first_run")
 

@@ -28,7 +28,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from files import HelpFormatter, UserError, command, out_dir_problem, write_text
+from cli import HelpFormatter, UserError, command, out_dir_problem
+from outputs import write_text
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import devices
 import train
 import utils
 from network import HW5Net
-from files import UserError
+from cli import UserError
 from tiny import TinyNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +31,7 @@ def no_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
 
 def test_a_gpu_torch_cannot_use_stops_auto_with_the_fix(no_gpu, monkeypatch):
@@ -82,6 +83,100 @@ def test_train_py_with_an_unusable_device_exits_with_one_line(tmp_path):
                                                "(it needs an Apple-silicon Mac and a torch build with MPS)"]
     assert not os.path.exists(tmp_path / "run")
 
+
+@pytest.fixture
+def nvidia_smi(tmp_path, monkeypatch):
+    """Puts on PATH an nvidia-smi that prints the header of a driver supporting CUDA `cuda`."""
+    def install(cuda, driver="550.54.15"):
+        smi = tmp_path / "nvidia-smi"
+        smi.write_text(f"#!/bin/sh\necho '| NVIDIA-SMI {driver}    Driver Version: {driver}    "
+                       f"CUDA Version: {cuda}     |'\n")
+        smi.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    return install
+
+
+def test_a_driver_of_the_builds_cuda_major_version_is_not_blamed(no_gpu, nvidia_smi, monkeypatch):
+    """A 12.4 driver runs a 12.6 build (minor-version compatibility, since CUDA 11): the line
+    says so and gives the command that prints torch's own reason, not a reinstall."""
+    nvidia_smi("12.4")
+    monkeypatch.setattr(torch.version, "cuda", "12.6")
+    with pytest.raises(UserError) as caught:
+        devices.pick_device("auto")
+    assert str(caught.value) == (
+        f"--device auto: this machine has an NVIDIA GPU (NVIDIA driver 550.54.15, which supports CUDA up to "
+        f"12.4) and torch {torch.__version__} was built for CUDA 12.6, which that driver supports, yet torch "
+        f"cannot use it: `python -c \"import torch; torch.cuda.init()\"` prints torch's reason; to train on "
+        f"the CPU, pass --device cpu")
+
+
+@pytest.mark.parametrize("driver_cuda, built, advice", [
+    ("11.8", "13.0", '`pip install "torch<2.8" "torchvision<0.23" --index-url https://download.pytorch.org/whl/cu118`'),
+    ("11.4", "12.6", '`pip install "torch<2.8" "torchvision<0.23" --index-url https://download.pytorch.org/whl/cu118`'),
+    ("12.2", "13.0", "`pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126`"),
+    ("13.0", "14.0", "`pip install torch torchvision --index-url https://download.pytorch.org/whl/cu130`"),
+    ("10.2", "12.6", "update the NVIDIA driver (torch>=2.4 needs one for CUDA 11 or newer)"),
+])
+def test_the_advice_is_the_wheel_index_for_the_drivers_cuda_major_version(no_gpu, nvidia_smi, monkeypatch,
+                                                                          driver_cuda, built, advice):
+    nvidia_smi(driver_cuda)
+    monkeypatch.setattr(torch.version, "cuda", built)
+    message = devices.unusable_gpu_message()
+    assert message.endswith(f"was built for CUDA {built} and cannot use it: " + (
+        advice if advice.startswith("update") else
+        f"install the build for the driver, {advice} (docs/devices.md), or update the driver"))
+
+
+SLURM_GPUS_REFUSED = ("--device auto: this Slurm job was given no GPU, yet 4 CUDA GPUs are visible to this "
+                      "process (cuda:0 to cuda:3) and may be other jobs': ask for one with --gres=gpu:1 (or "
+                      "--gpus=1), pass --device cpu, or pass --device cuda to use a visible one deliberately")
+
+
+@pytest.fixture
+def gpu_node(monkeypatch):
+    """A node whose 4 GPUs torch can use, in no Slurm job."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(devices, "missing_kernels_message", lambda device: None)
+    for name in ("SLURM_JOB_ID", "CUDA_VISIBLE_DEVICES") + devices.SLURM_GPU_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_auto_stops_in_a_slurm_job_given_no_gpu_beside_visible_gpus(gpu_node, monkeypatch):
+    """A node without cgroup confinement shows a CPU-only job every GPU, other jobs' too:
+    auto stops; a device asked for by name is taken."""
+    assert devices.pick_device("auto") == torch.device("cuda")  # outside Slurm
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    with pytest.raises(UserError) as caught:
+        devices.pick_device("auto")
+    assert str(caught.value) == SLURM_GPUS_REFUSED
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "0")
+    with pytest.raises(UserError, match="this Slurm job was given no GPU"):
+        devices.pick_device("auto")
+    for name in ("cuda", "cuda:3", "cpu"):
+        assert devices.pick_device(name) == torch.device(name)
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("SLURM_JOB_GPUS", "2"), ("SLURM_STEP_GPUS", "2"), ("SLURM_GPUS_ON_NODE", "1"), ("SLURM_GPUS", "1"),
+    ("SLURM_GPUS_PER_TASK", "1"), ("SLURM_GPUS_PER_NODE", "a100:1"), ("CUDA_VISIBLE_DEVICES", "0"),
+])
+def test_auto_takes_cuda_in_a_slurm_job_given_a_gpu(gpu_node, monkeypatch, variable, value):
+    """--gres=gpu:N, --gpus=N, --gpus-per-task, --gpus-per-node each leave their variable."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv(variable, value)
+    assert devices.pick_device("auto") == torch.device("cuda")
+
+
+@pytest.mark.parametrize("count, line", [
+    (2, "--device cuda:3: 2 CUDA GPUs are visible to this process (cuda:0 to cuda:1)"),
+    (1, "--device cuda:3: 1 CUDA GPU is visible to this process (cuda:0)"),
+])
+def test_a_gpu_index_past_the_visible_ones_names_them(gpu_node, monkeypatch, count, line):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    with pytest.raises(UserError) as caught:
+        devices.pick_device("cuda:3")
+    assert str(caught.value) == line
 
 # ---------------------------------------------------------------------------------
 # Checkpoints: onto the CPU, then wherever the parameters are
@@ -266,8 +361,10 @@ def test_a_gpu_hidden_by_cuda_visible_devices_or_unusable_for_another_reason_is_
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     message = devices.unusable_gpu_message()
     assert "which that driver supports, yet torch cannot use it" in message and "pip install" not in message
-    monkeypatch.setattr(torch.version, "cuda", "13.2")
-    assert "pip install torch" in devices.unusable_gpu_message()
+    monkeypatch.setattr(torch.version, "cuda", "13.2")  # a 13.0 driver runs any CUDA 13 build
+    assert "which that driver supports, yet torch cannot use it" in devices.unusable_gpu_message()
+    monkeypatch.setattr(torch.version, "cuda", "14.0")
+    assert "whl/cu130" in devices.unusable_gpu_message()
     monkeypatch.setattr(devices, "nvidia_driver_info", lambda: ("580.65.06", None))  # only /proc readable
     message = devices.unusable_gpu_message()
     assert "the CUDA version the driver supports is unknown" in message and "pip install" not in message
@@ -288,6 +385,7 @@ def test_a_gpu_without_kernels_in_the_build_is_caught_before_training(monkeypatc
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: arch)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # auto's Slurm check is tested above
     if runs:
         assert devices.pick_device("cuda:0") == torch.device("cuda:0")
         assert devices.pick_device("auto") == torch.device("cuda")

@@ -10,7 +10,7 @@ import torch
 
 import hw5_main
 import results
-from files import UserError
+from cli import UserError
 from tiny import DEVICE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

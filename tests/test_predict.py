@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import predict
-from Dataset import CLASS_NAMES, resize_image
+from Dataset import resize_image
+from utils import CLASS_NAMES
 from network import HW5Net
-from files import UserError
+from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {"width": 2, "n_blocks": 1, "learnable_res": False}

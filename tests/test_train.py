@@ -18,7 +18,7 @@ import devices
 import train
 from Dataset import MyCOCODataset
 from network import HW5Net
-from files import UserError
+from cli import UserError
 from tiny import DEVICE, TinyNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -712,12 +712,12 @@ def test_sigterm_mid_epoch_then_the_same_command_gives_the_uninterrupted_history
 def test_a_run_folder_is_locked_while_a_process_writes_there(tiny_data, tmp_path):
     """A second process into a held folder stops with one line; the lock goes with the run's
     end, and with a process killed holding it."""
-    from files import held_lock
+    from outputs import held_lock
     out = tmp_path / "run"
     out.mkdir()
     lock = str(out / ".lock")
-    holder = subprocess.Popen([sys.executable, "-c", "import files, sys, time\n"
-                               f"with files.held_lock({lock!r}):\n print('held', flush=True); time.sleep(600)"],
+    holder = subprocess.Popen([sys.executable, "-c", "import outputs, sys, time\n"
+                               f"with outputs.held_lock({lock!r}):\n print('held', flush=True); time.sleep(600)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
