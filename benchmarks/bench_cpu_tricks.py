@@ -1,13 +1,13 @@
 """What each CPU-only speed trick is worth to a training step, measured with and without
 it, alternating, each run in a fresh process:
 
-    python benchmarks/bench_cpu_tricks.py --steps 10 --repeats 3
+    python benchmarks/bench_cpu_tricks.py --steps 8 --repeats 3
 
   plain       HW5Net, --single_backward, fused Adam, batch 16 (the demo's step)
   no_reuse    the same without devices.reuse_freed_memory (glibc's malloc left alone)
   linear_wxt  the same with the heads' products computed as (W x^T)^T, a trick this
               package once had in network.py and dropped (it lives only here now)
-The figure each prints is the median seconds per step over the timed steps.
+Each run's figure is the median seconds per step over its timed steps (docs/performance.md).
 """
 import argparse
 import json
@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli import HelpFormatter  # noqa: E402
 from devices import NonFiniteGuard, reuse_freed_memory  # noqa: E402
-from network import HW5Net  # noqa: E402
+from network import ARCHITECTURE, build_model  # noqa: E402
 from train import make_criteria, make_optimizer  # noqa: E402
 from utils import order_boxes  # noqa: E402
 
@@ -47,7 +48,7 @@ def child(kind, steps):
     if kind == "linear_wxt":
         nn.Linear.forward = lambda self, x: LinearWxT.apply(x, self.weight, self.bias)
     torch.manual_seed(0)
-    model = HW5Net().train()
+    model = build_model(ARCHITECTURE).train()
     opt = make_optimizer(model, 1e-3, (0.9, 0.99))
     guard = NonFiniteGuard(opt, torch.device("cpu"))
     cls, box, _ = make_criteria("ciou")
@@ -63,14 +64,15 @@ def child(kind, steps):
         loss = cls(logits, labels) + box(order_boxes(raw), boxes)
         loss.backward()
         guard.check(loss.detach())
-        guard.step()
+        if guard.allows_step():
+            opt.step()
         times.append(time.perf_counter() - t0)
     return statistics.median(times[2:])
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--steps", type=int, default=10, help="timed steps per run, after two warm-up steps")
     p.add_argument("--repeats", type=int, default=3, help="runs of each kind, alternating")
     p.add_argument("--child", help=argparse.SUPPRESS)

@@ -1,15 +1,15 @@
-"""Dataset build throughput: ours (1 worker, all workers) vs the report's skimage loop,
-and vs decode-only (the floor), per image, on generated COCO-sized JPEGs.
+"""Dataset build, per image: ours (1 worker, 2 workers) against the report's skimage loop and
+against decoding alone, the floor (docs/performance.md):
 
     python benchmarks/bench_dataset.py --n_images 200 --repeats 3
+    python benchmarks/bench_dataset.py --n_images 200 --repeats 3 --image_dir ../shared/coco_mini/train2017
 
-Each figure is the median of --repeats timed runs after one untimed warm-up run (which
-also brings the files into the page cache). Decoding, resizing and writing are timed;
-the annotation filter is not (it is the same few milliseconds for every method).
+on generated COCO-sized JPEGs, or on the real JPEGs of --image_dir. Each figure is the
+median of --repeats timed runs after one untimed warm-up (which also brings the files into
+the page cache). Decoding, resizing and writing are timed; the annotation filter is not.
 """
 import argparse
 import json
-import logging
 import os
 import shutil
 import statistics
@@ -23,9 +23,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import Dataset  # noqa: E402
+from cli import HelpFormatter  # noqa: E402
 from synthetic.coco import make_synthetic_coco  # noqa: E402
-
-log = logging.getLogger("bench_dataset")
 
 
 def report_loop(tasks):
@@ -88,35 +87,29 @@ def image_tasks(args, work):
 
 
 def timed(fn, tasks, repeats, out_dir):
+    """ms per image, the median of repeats runs after a warm-up."""
     times = []
-    for r in range(repeats + 1):  # the first run is the warm-up
+    for _ in range(repeats + 1):
         shutil.rmtree(out_dir, ignore_errors=True)
         os.makedirs(out_dir)
         t0 = time.perf_counter()
         fn(tasks)
-        dt = time.perf_counter() - t0
-        if r > 0:
-            times.append(dt)
-    return statistics.median(times) / len(tasks) * 1000.0  # ms per image
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]) / len(tasks) * 1000.0
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--n_images", type=int, default=200, help="generated COCO-sized images")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--n_images", type=int, default=200, help="images per run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method (median)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="pool size for 'all workers'")
-    p.add_argument("--image_dir", default=None,
-                   help="time real JPEGs from this folder (e.g. ../shared/coco_mini/train2017) "
-                        "instead of generated ones")
-    p.add_argument("--work_dir", default=None, help="scratch directory (default: a temporary one)")
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--image_dir", help="time the real JPEGs of this folder (e.g. ../shared/coco_mini/train2017), "
+                                       "repeated up to --n_images (default: generated ones)")
     return p
 
 
 def main(args):
-    work = args.work_dir or tempfile.mkdtemp(prefix="bench_dataset_")
-    try:
+    workers = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="bench_dataset_") as work:
         tasks, out_dir, source = image_tasks(args, work)
         cv2.setNumThreads(1)  # one core for the single-process figures
         rows = {
@@ -124,33 +117,20 @@ def main(args):
             "decode only (cv2, 1 process)": timed(decode_only, tasks, args.repeats, out_dir),
             "ours, 1 worker": timed(ours_one_worker, tasks, args.repeats, out_dir),
         }
-        # The pool's start (each worker imports torch with Dataset) is a fixed cost,
-        # timed apart; the throughput is that of a started pool.
-        startup = pool_startup_seconds(args.workers)
-        with get_context("spawn").Pool(args.workers, initializer=Dataset._init_worker) as pool:
-            rows[f"ours, {args.workers} workers"] = timed(lambda t: ours_pool(pool, t), tasks,
-                                                          args.repeats, out_dir)
-    finally:
-        if args.work_dir is None:
-            shutil.rmtree(work, ignore_errors=True)
-    report = rows["report loop (skimage, 1 process)"]
-    decode = rows["decode only (cv2, 1 process)"]
+        # The pool's start (each worker imports torch with Dataset) is a fixed cost, timed
+        # apart; the throughput is that of a started pool.
+        startup = pool_startup_seconds(workers)
+        with get_context("spawn").Pool(workers, initializer=Dataset._init_worker) as pool:
+            rows[f"ours, {workers} workers"] = timed(lambda t: ours_pool(pool, t), tasks, args.repeats, out_dir)
+    report, decode = rows["report loop (skimage, 1 process)"], rows["decode only (cv2, 1 process)"]
     print(f"\n{len(tasks)} {source}, median of {args.repeats} runs after a warm-up, "
-          f"{os.cpu_count()} cores; pool start-up {startup:.1f} s (once per build)\n")
+          f"{workers} cores; pool start-up {startup:.1f} s (once per build)\n")
     print("| method | ms / image | images / s | vs report loop | vs decode-only |")
     print("|---|---|---|---|---|")
     for name, ms in rows.items():
         print(f"| {name} | {ms:.2f} | {1000 / ms:.0f} | {report / ms:.1f}x | {ms / decode:.2f}x |")
-    extra = f" --image_dir {args.image_dir}" if args.image_dir else ""
-    print(f"\ncommand: python benchmarks/bench_dataset.py --n_images {args.n_images} "
-          f"--repeats {args.repeats} --workers {args.workers}{extra}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"ms_per_image": rows, "n_images": len(tasks), "repeats": args.repeats,
-                       "source": source, "pool_startup_s": startup}, f, indent=2)
     return rows
 
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
+if __name__ == "__main__":  # the spawned workers import this file again
     main(get_args_parser().parse_args())

@@ -1,22 +1,20 @@
-"""The report's training and evaluation loop, transcribed as printed (report 6.2-6.4), as
-the yardstick for bench_train.py. Only what is needed to run it is fixed: the names
-that did not exist, the dataset as a torch Dataset instead of an nn.Module, paths as
-arguments. Everything that costs time is kept: skimage.io.imread per item in
-__getitem__, a DataLoader with default settings, torch.optim.Adam with its default
-implementation, two backward calls, per-batch .item() calls, the per-sample
-box_iou(...).item() loop of mIoU, evaluation without torch.no_grad(), and the heads'
-layers as plain nn.Linear (printed_layers).
+"""The report's training and evaluation loop, transcribed as printed (report 6.2-6.4), the
+yardstick of bench_train.py and bench_process.py. Only what is needed to run it is fixed:
+the names that did not exist, the dataset as a torch Dataset instead of an nn.Module,
+paths as arguments. Everything that costs time is kept: skimage.io.imread per item, a
+default DataLoader, torch.optim.Adam's default implementation, two backward calls,
+per-batch .item() calls, the per-sample box_iou(...).item() loop of mIoU, and evaluation
+without torch.no_grad().
 
-Not for training models: see train.py. As a command it runs the report's train() as a
-whole process, the yardstick of bench_process.py:
+Not for training models (see train.py). As a command it runs the report's train() as a
+whole process, seeded as the report's __main__; each epoch trains, evaluates the test
+split and saves OUT/best_model when the report's score improves, nothing else:
 
     python benchmarks/reference.py --data_dir DATA --out_dir OUT --epoch 2
-
-(seeded as the report's __main__; each epoch trains, evaluates the test split and saves
-the model to OUT/best_model when the report's score improves, nothing else).
 """
 import argparse
 import os
+import pickle
 import random
 import sys
 
@@ -29,12 +27,8 @@ from torch.utils.data import DataLoader
 from torchvision.ops import box_iou, complete_box_iou_loss
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import network  # noqa: E402
-
-
-def printed_layers(net):
-    """HW5Net as the report printed it (its layers are the printed ones already)."""
-    return net
+from cli import HelpFormatter  # noqa: E402
+from network import ARCHITECTURE, build_model  # noqa: E402
 
 
 class ReferenceCOCODataset(torch.utils.data.Dataset):
@@ -89,11 +83,17 @@ def update_cm(preds, target, cm):
     return cm
 
 
-def make_loaders(train_dict, test_dict, inv_map, data_dir, batch_size=16):
-    train_data = ReferenceCOCODataset(train_dict, inv_map, data_dir, train=True)
-    test_data = ReferenceCOCODataset(test_dict, inv_map, data_dir, train=False)
-    return (DataLoader(train_data, batch_size=batch_size, shuffle=True),
-            DataLoader(test_data, batch_size=batch_size, shuffle=True))
+def make_loaders(data_dir, batch_size=16):
+    """The report's (train, test) DataLoaders over a DATA built by Dataset.py."""
+    dicts = []
+    for name in ("train_data.pkl", "test_data.pkl", "inv_map.pkl"):
+        with open(os.path.join(data_dir, name), "rb") as f:
+            dicts.append(pickle.load(f))
+    train_dict, test_dict, inv_map = dicts
+    return (DataLoader(ReferenceCOCODataset(train_dict, inv_map, data_dir, train=True),
+                       batch_size=batch_size, shuffle=True),
+            DataLoader(ReferenceCOCODataset(test_dict, inv_map, data_dir, train=False),
+                       batch_size=batch_size, shuffle=True))
 
 
 def make_optimizer(model):
@@ -152,16 +152,11 @@ def evaluation(model, test_loader, criterion1, criterion2, device):
                 "miou_loss": run_iou_loss / test_size, "accuracy": run_acc / test_size}
 
 
-def train(model, data_dir, out_dir, num_epochs, batch_size=16):
+def train(model, data_dir, out_dir, num_epochs):
     """The report's train() (Figs. 11-13): the CIoU model, best model saved as it goes."""
-    import pickle
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    dicts = []
-    for name in ("train_data.pkl", "test_data.pkl", "inv_map.pkl"):
-        with open(os.path.join(data_dir, name), "rb") as f:
-            dicts.append(pickle.load(f))
-    train_loader, test_loader = make_loaders(*dicts, data_dir, batch_size)
+    train_loader, test_loader = make_loaders(data_dir)
     criterion1, criterion2 = nn.CrossEntropyLoss(), CompleteIOULoss("mean")
     optimizer = make_optimizer(model)
     max_model_score = 0
@@ -178,11 +173,10 @@ def train(model, data_dir, out_dir, num_epochs, batch_size=16):
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description="The report's training loop as a whole process.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data_dir", required=True, help="a dataset built by Dataset.py")
-    parser.add_argument("--out_dir", required=True, help="where best_model goes")
-    parser.add_argument("--epoch", default=15, type=int, help="number of epochs (the report's default: 15)")
-    parser.add_argument("--batch_size", default=16, type=int, help="batch size")
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--data_dir", required=True, help="a dataset built by Dataset.py (required)")
+    parser.add_argument("--out_dir", required=True, help="where best_model goes (required)")
+    parser.add_argument("--epoch", default=15, type=int, help="epochs (the report's default)")
     return parser
 
 
@@ -195,7 +189,7 @@ def main(args):
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     os.makedirs(args.out_dir, exist_ok=True)
-    train(printed_layers(network.HW5Net()), args.data_dir, args.out_dir, args.epoch, args.batch_size)
+    train(build_model(ARCHITECTURE), args.data_dir, args.out_dir, args.epoch)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,15 @@
-"""Why the box head stands near the mean box on photos: train HW5Net on a few training
-photos under one change at a time and see whether it can fit their boxes.
+"""Why the box head stays near the mean box on photos: train HW5Net on a few training photos
+under one change at a time and see whether it fits their boxes (experiments/box_head.md).
 
-    python experiments/box_head.py --data_dir DATA --out_dir OUT --variants report mse
+    python experiments/box_head.py --data_dir DATA --out_dir OUT --variants report mse box_only no_head_bn
+    python experiments/box_head.py --data_dir DATA --out_dir OUT --variants trunk_lr1e-4 frozen_trunk --epochs 30
+    python experiments/box_head.py --data_dir DATA --out_dir OUT --head_only --epochs 40 --lrs 1e-3 1e-5
+    python experiments/box_head.py --data_dir DATA --out_dir OUT --weights RUN/best_model.pt
 
-For each variant the training photos' mean IoU is measured three ways after every
---every epochs: in eval mode (BatchNorm's running statistics, as evaluation() and the
-report measure), in train mode (each batch's own statistics, as the loss saw them), and
-in eval mode after the running statistics are recomputed over the photos (a pass with
-a cumulative average). OUT/VARIANT.json gets the curves and the spread of the boxes.
-
-    python experiments/box_head.py --data_dir DATA --out_dir OUT --head_only
-    python experiments/box_head.py --data_dir DATA --out_dir OUT --weights RUN/ciou/best_model.pt
-
-train the box head alone on fixed trunk features (head_only), and measure a trained
-model with its BatchNorm statistics as saved and recomputed (trained_model).
+A variant's photos' mean IoU is measured every --every epochs in eval mode, in train mode
+and in eval mode with BatchNorm's statistics recomputed (OUT/VARIANT.json); --head_only
+trains the box head alone on fixed features (OUT/head_only.jsonl); --weights measures a
+trained model on the test split (OUT/trained_model.jsonl).
 """
 import argparse
 import copy
@@ -26,190 +22,154 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
+from checkpoints import load_checkpoint, load_model_state  # noqa: E402
+from cli import HelpFormatter  # noqa: E402
 from Dataset import MyCOCODataset  # noqa: E402
-from checkpoints import load_checkpoint  # noqa: E402
 from devices import DeviceBatches  # noqa: E402
-from network import HW5Net  # noqa: E402
-from utils import box_iou_per_image, order_boxes  # noqa: E402
+from network import ARCHITECTURE, build_model  # noqa: E402
+from utils import box_iou_per_image, mean_box_baseline, order_boxes  # noqa: E402
 
-# name: (box loss, lr, what changes). "report" is the report's recipe.
-VARIANTS = {
-    "report": ("ciou", 1e-3, "the report's recipe: CIoU, Adam 1e-3"),
-    "mse": ("mse", 1e-3, "MSE box loss"),
-    "lr1e-4": ("ciou", 1e-4, "CIoU, Adam 1e-4"),
-    "no_head_bn": ("ciou", 1e-3, "CIoU, the box head's BatchNorm1d layers removed"),
-    "box_only": ("ciou", 1e-3, "CIoU, no class loss (the box loss alone trains the trunk)"),
-    "head_lr1e-4": ("ciou", 1e-3, "CIoU, Adam 1e-4 for the box head, 1e-3 elsewhere"),
-    "trunk_lr1e-4": ("ciou", 1e-3, "CIoU, Adam 1e-4 for the trunk, 1e-3 for the heads"),
-    "frozen_trunk": ("ciou", 1e-3, "CIoU, the trunk's weights frozen at their initial values "
-                     "(its BatchNorm still on each batch's statistics)"),
-}
+# variant: its box loss; every variant trains with Adam 1e-3 (trunk_lr1e-4: the trunk at 1e-4),
+# box_only without the class loss, frozen_trunk with the trunk at its initial weights.
+VARIANTS = {"report": "ciou", "mse": "mse", "box_only": "ciou", "no_head_bn": "ciou", "trunk_lr1e-4": "ciou",
+            "frozen_trunk": "ciou"}
 
 
-def make_model(variant, seed):
-    torch.manual_seed(seed)
-    model = HW5Net()
-    if variant == "frozen_trunk":
-        model.model.requires_grad_(False)
-    if variant == "no_head_bn":
-        model.bbox_head = nn.Sequential(*[nn.Identity() if isinstance(m, nn.BatchNorm1d) else m
-                                          for m in model.bbox_head])
-    return model
+def spread_px(boxes):
+    """Standard deviation of each coordinate, in pixels."""
+    return [round(v, 1) for v in (boxes.clamp(0, 1).std(0) * 256).tolist()]
 
 
-def make_optimizer(model, variant, lr):
-    slow = {"head_lr1e-4": model.bbox_head, "trunk_lr1e-4": model.model}.get(variant)
-    if slow is not None:
-        ids = {id(p) for p in slow.parameters()}
-        rest = [p for p in model.parameters() if id(p) not in ids]
-        return torch.optim.Adam([{"params": rest, "lr": lr}, {"params": list(slow.parameters()), "lr": 1e-4}],
-                                betas=(0.9, 0.99))
-    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.99))
-
-
-class NoClassLoss(nn.Module):
-    def forward(self, logits, labels):
-        return logits.sum() * 0.0
-
-
-def boxes_of(model, batches, mode):
-    """Ordered predicted boxes of every image, in eval or train mode, BatchNorm's running
-    statistics left as they were."""
-    saved = copy.deepcopy({k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k})
-    model.train(mode == "train")
+def predict(model, batches, train_mode=False):
+    """(class logits, ordered boxes) of every image; train mode runs on a copy, so that the
+    model's BatchNorm running statistics stay as they were."""
+    model = copy.deepcopy(model).train() if train_mode else model.eval()
     with torch.no_grad():
-        preds = torch.cat([order_boxes(model(b["image"])[1]) for b in batches])
-    model.load_state_dict(saved, strict=False)
-    model.eval()
-    return preds
+        outs = [model(b["image"]) for b in batches]
+    return torch.cat([o[0] for o in outs]), order_boxes(torch.cat([o[1] for o in outs]))
+
+
+def mean_iou(pred, boxes):
+    return round(float(box_iou_per_image(pred, boxes).mean()), 4)
 
 
 def recalibrated(model, batches):
-    """A copy of model whose BatchNorm running statistics are the photos' average."""
-    model = copy.deepcopy(model)
+    """A copy of model whose BatchNorm running statistics are the batches' average."""
+    model = copy.deepcopy(model).train()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
             m.momentum = None  # cumulative average
-    model.train()
     with torch.no_grad():
         for b in batches:
             model(b["image"])
-    model.eval()
-    return model
+    return model.eval()
 
 
-def measure(model, batches, boxes):
-    out = {}
-    for name, preds in [("eval", boxes_of(model, batches, "eval")),
-                        ("train_mode", boxes_of(model, batches, "train")),
-                        ("recalibrated", boxes_of(recalibrated(model, batches), batches, "eval"))]:
-        out[name] = {"mean_iou": round(float(box_iou_per_image(preds, boxes).mean()), 4),
-                     "box_std_px": [round(v, 1) for v in (preds.clamp(0, 1).std(0) * 256).tolist()]}
-    return out
+def record(line, path):
+    print(json.dumps(line), flush=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def run(variant, data, args):
-    loss, lr, what = VARIANTS[variant]
-    model = make_model(variant, args.seed)
-    optimizer = make_optimizer(model, variant, lr)
-    criterion_cls, criterion_box, _ = train.make_criteria(loss)
+    torch.manual_seed(args.seed)
+    model = build_model(ARCHITECTURE)
+    if variant == "no_head_bn":
+        model.bbox_head = nn.Sequential(*[nn.Identity() if isinstance(m, nn.BatchNorm1d) else m
+                                          for m in model.bbox_head])
+    params = heads = [*model.class_head.parameters(), *model.bbox_head.parameters()]
+    if variant == "frozen_trunk":
+        model.model.requires_grad_(False)
+    elif variant == "trunk_lr1e-4":
+        params = [{"params": heads}, {"params": list(model.model.parameters()), "lr": 1e-4}]
+    else:
+        params = list(model.parameters())
+    optimizer = torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.99))
+    criterion_cls, criterion_box, _ = train.make_criteria(VARIANTS[variant])
     if variant == "box_only":
-        criterion_cls = NoClassLoss()
+        criterion_cls = lambda logits, labels: logits.sum() * 0.0  # noqa: E731
     batches = DeviceBatches(data, 16, "cpu", torch.Generator().manual_seed(args.seed))
     fixed = DeviceBatches(data, 16, "cpu")
     curve = []
     for epoch in range(1, args.epochs + 1):
-        metrics = train.train_one_epoch(model, batches, optimizer, criterion_cls, criterion_box,
-                                        torch.device("cpu"), epoch, single_backward=True, progress=False)
+        train.train_one_epoch(model, batches, optimizer, criterion_cls, criterion_box, torch.device("cpu"),
+                              epoch, single_backward=True, progress=False)
         if epoch % args.every == 0 or epoch == args.epochs:
-            point = {"epoch": epoch, "train_loop_mean_iou": round(metrics["mean_iou"], 4),
-                     "accuracy_train_loop": round(metrics["accuracy"], 4), **measure(model, fixed, data.boxes)}
+            point = {"epoch": epoch}
+            for name, (_, pred) in [("eval", predict(model, fixed)), ("train_mode", predict(model, fixed, True)),
+                                    ("recalibrated", predict(recalibrated(model, fixed), fixed))]:
+                point[name] = {"mean_iou": mean_iou(pred, data.boxes), "box_std_px": spread_px(pred)}
             curve.append(point)
             print(variant, json.dumps(point), flush=True)
-    result = {"variant": variant, "what": what, "n_images": len(data), "epochs": args.epochs,
-              "seed": args.seed, "gt_box_std_px": [round(v, 1) for v in (data.boxes.std(0) * 256).tolist()],
+    result = {"variant": variant, "n_images": len(data), "epochs": args.epochs, "seed": args.seed,
+              "gt_box_std_px": spread_px(data.boxes), "mean_box_iou": round(mean_box_baseline(data.boxes, data.boxes), 4),
               "curve": curve}
     with open(os.path.join(args.out_dir, f"{variant}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    return result
 
 
 def head_only(data, args):
-    """The box head alone on the initial trunk's fixed features of the photos: whether
-    the head and its optimizer can fit the boxes, at each --lrs rate, with CIoU and MSE,
-    with and without its BatchNorm1d layers. One line per run in OUT/head_only.jsonl."""
+    """The report's box head alone, CIoU, on the initial trunk's fixed features of the photos:
+    whether the head and its optimizer can fit the boxes, at each --lrs rate. One line per
+    rate in OUT/head_only.jsonl."""
     torch.manual_seed(args.seed)
-    trunk = HW5Net().model.train()  # batch statistics, as the first training step sees them
+    net = build_model(ARCHITECTURE)  # the trunk and the box head, as a run starts them
+    trunk, initial_head = net.model.train(), net.bbox_head  # batch statistics, as the first step sees them
+    del net
     with torch.no_grad():
         feats = torch.cat([torch.flatten(trunk(b["image"]), 1) for b in DeviceBatches(data, 16, "cpu")])
-    boxes = data.boxes
-    for loss in ("ciou", "mse"):
-        for bn in (True, False):
-            for lr in args.lrs:
-                torch.manual_seed(args.seed)
-                head = make_model("report" if bn else "no_head_bn", args.seed).bbox_head
-                opt = torch.optim.Adam(head.parameters(), lr=lr, betas=(0.9, 0.99))
-                _, criterion, _ = train.make_criteria(loss)
-                g = torch.Generator().manual_seed(args.seed)
-                curve = []
-                for epoch in range(1, args.epochs + 1):
-                    head.train()
-                    for index in torch.randperm(len(boxes), generator=g).split(16):
-                        opt.zero_grad(set_to_none=True)
-                        criterion(order_boxes(head(feats[index])), boxes[index]).backward()
-                        opt.step()
-                    if epoch % args.every == 0 or epoch == args.epochs:
-                        head.eval()
-                        with torch.no_grad():
-                            pred = order_boxes(head(feats))
-                        curve.append(round(float(box_iou_per_image(pred, boxes).mean()), 4))
-                line = {"loss": loss, "head_bn": bn, "lr": lr, "epochs": args.epochs,
-                        "every": args.every, "eval_mean_iou": curve,
-                        "box_std_px": [round(v, 1) for v in (pred.clamp(0, 1).std(0) * 256).tolist()]}
-                print(json.dumps(line), flush=True)
-                with open(os.path.join(args.out_dir, "head_only.jsonl"), "a") as f:
-                    f.write(json.dumps(line) + "\n")
+    _, criterion, _ = train.make_criteria("ciou")
+    for lr in args.lrs:
+        head = copy.deepcopy(initial_head)
+        opt = torch.optim.Adam(head.parameters(), lr=lr, betas=(0.9, 0.99))
+        g = torch.Generator().manual_seed(args.seed)
+        curve = []
+        for epoch in range(1, args.epochs + 1):
+            head.train()
+            for index in torch.randperm(len(data), generator=g).split(16):
+                opt.zero_grad(set_to_none=True)
+                criterion(order_boxes(head(feats[index])), data.boxes[index]).backward()
+                opt.step()
+            if epoch % args.every == 0 or epoch == args.epochs:
+                head.eval()
+                with torch.no_grad():
+                    pred = order_boxes(head(feats))
+                curve.append(mean_iou(pred, data.boxes))
+        record({"lr": lr, "epochs": args.epochs, "every": args.every, "eval_mean_iou": curve,
+                "box_std_px": spread_px(pred)}, os.path.join(args.out_dir, "head_only.jsonl"))
 
 
 def trained_model(args):
-    """A trained run's best_model.pt (--weights) on the whole test split: eval mode as
-    saved, and with BatchNorm's running statistics recomputed over the training split."""
-    model = HW5Net()
-    model.load_state_dict(load_checkpoint(args.weights))
+    """A trained run's best_model.pt (--weights) on the whole test split: eval mode with
+    BatchNorm's running statistics as saved, and recomputed over the training split."""
+    model = build_model(ARCHITECTURE)
+    load_model_state(model, load_checkpoint(args.weights), args.weights)
     train_set = MyCOCODataset(args.data_dir, train=True)
     test_set = MyCOCODataset(args.data_dir, train=False)
-    train_batches, test_batches = DeviceBatches(train_set, 64, "cpu"), DeviceBatches(test_set, 64, "cpu")
-    line = {"weights": args.weights}
-    for name, m in [("saved", model), ("recalibrated", recalibrated(model, train_batches))]:
-        for split, batches, data in [("train", train_batches, train_set), ("test", test_batches, test_set)]:
-            m.eval()
-            with torch.no_grad():
-                outs = [m(b["image"]) for b in batches]
-            pred = order_boxes(torch.cat([o[1] for o in outs]))
-            acc = float((torch.cat([o[0] for o in outs]).argmax(1) == data.labels).float().mean())
-            line[f"{name}_{split}"] = {
-                "accuracy": round(acc, 4), "mean_iou": round(float(box_iou_per_image(pred, data.boxes).mean()), 4),
-                "box_std_px": [round(v, 1) for v in (pred.clamp(0, 1).std(0) * 256).tolist()]}
-    line["gt_test_box_std_px"] = [round(v, 1) for v in (test_set.boxes.std(0) * 256).tolist()]
-    print(json.dumps(line), flush=True)
-    with open(os.path.join(args.out_dir, "trained_model.jsonl"), "a") as f:
-        f.write(json.dumps(line) + "\n")
+    test_batches = DeviceBatches(test_set, 64, "cpu")
+    line = {"weights": args.weights, "gt_test_box_std_px": spread_px(test_set.boxes)}
+    for name, m in [("saved", model), ("recalibrated", recalibrated(model, DeviceBatches(train_set, 64, "cpu")))]:
+        logits, pred = predict(m, test_batches)
+        line[f"{name}_test"] = {"accuracy": round(float((logits.argmax(1) == test_set.labels).float().mean()), 4),
+                                "mean_iou": mean_iou(pred, test_set.boxes), "box_std_px": spread_px(pred)}
+    record(line, os.path.join(args.out_dir, "trained_model.jsonl"))
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data_dir", required=True, help="a dataset built by Dataset.py (its train split)")
-    p.add_argument("--out_dir", required=True)
-    p.add_argument("--variants", nargs="+", default=["report"], choices=sorted(VARIANTS))
-    p.add_argument("--n_images", type=int, default=64, help="training photos (every k-th one)")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--every", type=int, default=10, help="epochs between measurements")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--head_only", action="store_true", help="train the box head alone (head_only())")
-    p.add_argument("--weights", help="a best_model.pt: measure it as trained_model() says")
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 1e-4, 1e-5], help="--head_only's rates")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data_dir", required=True, help="a dataset built by Dataset.py (required)")
+    g.add_argument("--out_dir", required=True, help="where the results go (required)")
+    g.add_argument("--n_images", type=int, default=64, help="training photos (every k-th one)")
+    g = p.add_argument_group("trials")
+    g.add_argument("--variants", nargs="+", default=["report"], choices=list(VARIANTS), help="one run each")
+    g.add_argument("--epochs", type=int, default=40, help="epochs of each run")
+    g.add_argument("--every", type=int, default=10, help="epochs between measurements")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order")
+    g.add_argument("--head_only", action="store_true", help="train the box head alone instead (head_only())")
+    g.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 1e-4, 1e-5], help="--head_only's rates")
+    g.add_argument("--weights", help="a best_model.pt: measure it instead (trained_model())")
     return p
 
 
