@@ -30,6 +30,7 @@ from pycocotools.coco import COCO
 from tqdm import tqdm
 
 from cli import HelpFormatter, UserError, command, out_dir_problem
+from devices import usable_cpus
 from outputs import atomic_write, write_json
 from utils import CLASS_NAMES, COCO_IDS, IMAGE_SIZE, draw_box, pyplot, save_figure
 
@@ -384,7 +385,7 @@ def decode_images(paths, workers=None, progress=False):
             img = resize_image(img)
         out[i] = torch.from_numpy(img).permute(2, 0, 1)
 
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = workers or min(8, usable_cpus())
     with ThreadPoolExecutor(workers) as pool:
         list(tqdm(pool.map(load, range(len(paths))), total=len(paths), desc="decoding",
                   unit="img", disable=not progress, leave=False))
@@ -445,7 +446,7 @@ def get_args_parser():
                    help="COCO tree: annotations/, train{year}/, val{year}/ (required)")
     p.add_argument("--out_dir", required=True, help="where the dataset (DATA) is written (required)")
     p.add_argument("--year", type=int, default=2014, help="COCO release year in the file names")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--workers", type=int, default=usable_cpus(),
                    help="processes resizing images (1: in this process)")
     p.add_argument("--jpeg_quality", type=int, default=95, help="JPEG quality of the 256x256 images")
     p.add_argument("--no_figure", action="store_true", help="skip sample_images.png (report Fig. 2)")

@@ -46,7 +46,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     given), a required option, or one whose help says what happens when it is not given."""
 
     def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 def command(main, log, stops_on_sigterm=False):

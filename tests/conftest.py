@@ -44,3 +44,14 @@ def tiny_data(tmp_path_factory):
     make_synthetic_coco(str(root / "coco"), n_train=16, n_val=8, seed=1)
     build_dataset(str(root / "coco"), str(root / "data"), workers=1, progress=False, figure=False)
     return str(root / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_out(tmp_path_factory):
+    """A tiny demo run of the whole experiment (2 epochs, a small HW5Net, on the CPU), for
+    the tests that read an OUT: they copy it (tiny.linked_copy) before changing it."""
+    import hw5_main
+    from tiny import TINY_DEMO, hw5_args
+    out = str(tmp_path_factory.mktemp("tiny_out") / "out")
+    hw5_main.main(hw5_args("--out_dir", out, *TINY_DEMO, "--epochs", "2"))
+    return out

@@ -364,3 +364,12 @@ def test_records_keep_the_original_geometry_and_coco_outputs_undo_the_resize(coc
     wrong = {**perfect_predictions(ds), "pred_label": (ds.labels + 1) % 3}
     missed = utils.coco_results(utils.prediction_records(ds.files, ds.data, wrong), ds.data)
     assert utils.coco_metrics(utils.coco_ground_truth(ds.files, ds.data), missed)["AP"] == 0.0
+
+
+def test_the_validation_part_depends_on_the_files_and_fraction_alone():
+    from Dataset import hold_out
+    files = [f"COCO_train2014_{i:012d}.jpg" for i in range(40)]
+    train, val = hold_out(files, 0.1)
+    assert len(val) == 4 and sorted(train + val) == files and not set(train) & set(val)
+    assert (train, val) == hold_out(list(files), 0.1) and train == sorted(train) and val == sorted(val)
+    assert hold_out(files, 0.01)[1] and hold_out(files, 0.1, seed=1) != (train, val)

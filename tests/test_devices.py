@@ -1,5 +1,6 @@
-"""Device paths, each tested on the CPU: choosing the device, checkpoints that resume on any
-device, the running sums Apple MPS can hold, bfloat16 autocast (--amp)."""
+"""devices.py, choosing the device: the one line that says why a GPU cannot be used and the
+fix (stand-ins for nvidia-smi, the driver, Slurm's variables), CUDA's float32 settings, and
+the CPUs a process may use."""
 import logging
 import os
 import subprocess
@@ -7,18 +8,11 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
-import checkpoints
 import devices
-import train
-import utils
-from network import HW5Net
 from cli import UserError
-from tiny import TinyNet
+from tiny import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
 
 
@@ -178,174 +172,6 @@ def test_a_gpu_index_past_the_visible_ones_names_them(gpu_node, monkeypatch, cou
         devices.pick_device("cuda:3")
     assert str(caught.value) == line
 
-# ---------------------------------------------------------------------------------
-# Checkpoints: onto the CPU, then wherever the parameters are
-# ---------------------------------------------------------------------------------
-def one_step(model, opt):
-    x = torch.rand(4, 3, 4, 4)
-    logits, box = model(x)
-    (logits.square().mean() + box.square().mean()).backward()
-    opt.step()
-    opt.zero_grad()
-
-
-def write_checkpoint(path, fused=True):
-    torch.manual_seed(0)
-    model = TinyNet()
-    opt = torch.optim.Adam(model.parameters(), lr=0.01, fused=fused)
-    one_step(model, opt)
-    generator = torch.Generator().manual_seed(5)
-    torch.randperm(10, generator=generator)
-    checkpoints.save(checkpoints.checkpoint_state(model, opt, 1, {"best_epoch": 1}, generator, CPU,
-                                                       {"seed": 0}), str(path))
-    return model, opt, generator
-
-
-@pytest.mark.filterwarnings("ignore:for fc:UserWarning")
-def test_resume_loads_onto_the_cpu_and_moves_adam_to_the_parameters_device(tmp_path):
-    """'meta' stands in for CUDA or MPS: a device whose tensors torch.set_rng_state,
-    Generator.set_state and .numpy() refuse, as they refuse CUDA tensors. A checkpoint
-    loaded onto the training device (map_location=device) fails here; loaded onto the CPU
-    and moved, it resumes."""
-    path = tmp_path / "checkpoint.pt"
-    _, opt, generator = write_checkpoint(path)
-    cpu_rng = torch.get_rng_state()
-    torch.manual_seed(123)
-    meta = torch.device("meta")
-    model = TinyNet().to(meta)
-    resumed_opt = torch.optim.Adam(model.parameters(), lr=0.01, foreach=False)
-    resumed_gen = torch.Generator()
-    ckpt = checkpoints.load_checkpoint(str(path))
-    checkpoints.restore(ckpt, str(path), model, resumed_opt, resumed_gen, meta)
-    assert ckpt["epoch"] == 1 and ckpt["history"] == {"best_epoch": 1}
-    assert torch.equal(torch.get_rng_state(), cpu_rng)
-    assert torch.equal(resumed_gen.get_state(), generator.get_state())
-    for p in model.parameters():
-        state = resumed_opt.state[p]
-        assert state["exp_avg"].device == meta and state["exp_avg_sq"].device == meta
-        assert state["step"].device == CPU  # plain Adam keeps its step count on the host
-    assert not resumed_opt.param_groups[0]["fused"]  # the resuming optimizer's own kind
-
-
-@pytest.mark.parametrize("fused_before, fused_after", [(True, False), (False, True)])
-def test_a_checkpoint_resumes_with_another_adam_implementation(tmp_path, fused_before, fused_after):
-    """Written with fused Adam (CUDA, CPU), resumed where it is missing, and the other way:
-    the next step is the one the writing optimizer would have taken."""
-    path = tmp_path / "checkpoint.pt"
-    model, opt, generator = write_checkpoint(path, fused=fused_before)
-    torch.manual_seed(1)
-    one_step(model, opt)  # the step the writer takes next
-    resumed = TinyNet()
-    resumed_opt = torch.optim.Adam(resumed.parameters(), lr=0.01, fused=fused_after)
-    checkpoints.restore(checkpoints.load_checkpoint(str(path)), str(path), resumed, resumed_opt,
-                        torch.Generator(), CPU)
-    torch.manual_seed(1)
-    one_step(resumed, resumed_opt)
-    for p, q in zip(model.parameters(), resumed.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-    assert bool(resumed_opt.param_groups[0]["fused"]) is fused_after
-
-
-@pytest.mark.parametrize("kind", ["cuda", "mps"])
-def test_the_training_devices_generator_is_saved_and_restored(kind, monkeypatch):
-    """The device's generator is read and restored through torch.cuda / torch.mps; here
-    those are stand-ins that record what they are given."""
-    restored = {}
-    module = getattr(torch, kind)
-    monkeypatch.setattr(module, "get_rng_state", lambda *index: torch.arange(8, dtype=torch.uint8))
-    monkeypatch.setattr(module, "set_rng_state", lambda state, *index: restored.update(state=state))
-    if kind == "cuda":
-        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    device = torch.device(kind)
-    generator = torch.Generator().manual_seed(0)
-    state = checkpoints.rng_state(generator, device)
-    assert state[kind].device == CPU and torch.equal(state[kind], torch.arange(8, dtype=torch.uint8))
-    checkpoints.set_rng_state(state, generator, device)
-    assert torch.equal(restored["state"], state[kind])
-    restored.clear()
-    checkpoints.set_rng_state(checkpoints.rng_state(generator, CPU), generator, device)  # written on a CPU
-    assert restored == {}
-
-
-# ---------------------------------------------------------------------------------
-# Apple MPS: no float64 on the device
-# ---------------------------------------------------------------------------------
-class NoFloat64(TorchDispatchMode):
-    """Every op that makes a float64 tensor fails, as it does on Apple MPS."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
-                raise AssertionError(f"{func} made a float64 tensor (MPS has none)")
-        return out
-
-
-def test_training_and_evaluation_make_no_float64_tensor_with_mps_sums(monkeypatch):
-    """With the accumulator dtype MPS gets, one training epoch and one evaluation of HW5Net
-    (at 64x64: the same layers) make no float64 tensor at all, and their means agree with
-    the float64 sums the CPU keeps."""
-    assert devices.accumulator_dtype("mps") == torch.float32
-    assert devices.accumulator_dtype("cpu") == devices.accumulator_dtype("cuda") == torch.float64
-    g = torch.Generator().manual_seed(0)
-    xy = torch.rand(8, 2, generator=g) * 0.5
-    items = [{"image": torch.rand(3, 64, 64, generator=g), "label": torch.tensor(i % 3),
-              "bbox": torch.cat([xy[i], xy[i] + 0.4])} for i in range(8)]
-    data = torch.utils.data.DataLoader(items, batch_size=4)
-    criterion_cls, criterion_box, _ = train.make_criteria("ciou")
-
-    def run():
-        torch.manual_seed(0)
-        model = HW5Net(image_size=64)
-        opt = train.make_optimizer(model, 1e-3, (0.9, 0.99))
-        res = train.train_one_epoch(model, data, opt, criterion_cls, criterion_box, CPU, 1,
-                                    progress=False)
-        _, ev = utils.evaluation(model, data, criterion_cls, criterion_box, CPU)
-        return res, ev
-
-    expected = run()
-    mps_dtype = devices.accumulator_dtype("mps")
-    as_on_mps = lambda device: mps_dtype  # noqa: E731
-    monkeypatch.setattr(train, "accumulator_dtype", as_on_mps)
-    monkeypatch.setattr(utils, "accumulator_dtype", as_on_mps)
-    with NoFloat64():
-        got = run()
-    for mine, theirs in zip(got, expected):
-        for key in train.METRICS:
-            assert mine[key] == pytest.approx(theirs[key], rel=1e-6), key
-
-
-# ---------------------------------------------------------------------------------
-# --amp: bfloat16 autocast on any device, the CPU included
-# ---------------------------------------------------------------------------------
-def test_amp_trains_on_the_cpu(tiny_data, tmp_path):
-    """--amp on the CPU runs the forward passes in bfloat16 (the path CUDA and MPS take) and
-    trains: finite numbers, no skipped step, a falling loss. (A small HW5Net: bfloat16 on a
-    CPU without native support for it is slow.)"""
-    args = train.get_args_parser().parse_args(
-        ["--data_dir", tiny_data, "--out_dir", str(tmp_path / "run"), "--batch_size", "4",
-         "--epochs", "2", "--amp", "--device", "cpu", "--quiet", "--width", "2", "--n_blocks", "1"])
-    seen = []
-    original = HW5Net.forward
-
-    def spy(self, x):
-        logits, box = original(self, x)
-        seen.append((torch.is_autocast_enabled("cpu"), logits.dtype, box.dtype))
-        return logits, box
-
-    HW5Net.forward = spy
-    try:
-        history = train.main(args)
-    finally:
-        HW5Net.forward = original
-    assert seen and all(s == (True, torch.bfloat16, torch.bfloat16) for s in seen)
-    assert history["skipped_steps"] == [0, 0]
-    for split in ("train", "test"):
-        assert all(torch.isfinite(torch.tensor(history[split][m])).all() for m in train.METRICS)
-    assert history["train"]["cross_entropy"][1] < history["train"]["cross_entropy"][0]
-    assert history["settings"]["amp"] is True
-
-
 def test_a_gpu_hidden_by_cuda_visible_devices_or_unusable_for_another_reason_is_named(no_gpu, monkeypatch):
     """The fix named is the one that applies: not a reinstall when CUDA_VISIBLE_DEVICES hides
     the GPU (Slurm's NoDevFiles included) or a Slurm job has none, nor when the driver supports torch's CUDA
@@ -397,73 +223,37 @@ def test_a_gpu_without_kernels_in_the_build_is_caught_before_training(monkeypatc
             devices.pick_device(name)
 
 
-class IgnoresFoundInf(torch.optim.Adam):
-    """A fused Adam that steps whatever found_inf says (as MPS's in some torch releases)."""
-
-    def step(self, closure=None):
-        self.__dict__.pop("found_inf", None)
-        return super().step(closure)
-
-
-def test_the_device_side_skip_is_used_only_where_the_kernel_honours_it():
-    assert devices.skips_on_the_device(torch.optim.Adam, "cpu") is True
-    assert devices.skips_on_the_device(IgnoresFoundInf, "cpu") is False
-    model = TinyNet()
-    guard = devices.NonFiniteGuard(IgnoresFoundInf(model.parameters(), fused=True), CPU)
-    assert not guard.device_side  # so the flag is read on the host, and the step skipped there
-    before = [p.detach().clone() for p in model.parameters()]
-    for p in model.parameters():
-        p.grad = torch.full_like(p, float("nan"))
-    assert guard.check(torch.tensor(1.0)) == 1
-    guard.step()
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-
-
-class Writes(TorchDispatchMode):
-    """The storages every op under it writes to (its schema's Tensor(a!) arguments)."""
-
-    def __enter__(self):
-        self.written = set()
-        return super().__enter__()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        for arg, value in zip(func._schema.arguments, args):
-            if arg.alias_info is not None and arg.alias_info.is_write:
-                self.written |= {t.untyped_storage().data_ptr() for t in tree_leaves(value)
-                                 if isinstance(t, torch.Tensor)}
-        return func(*args, **(kwargs or {}))
+# ---------------------------------------------------------------------------------
+# CUDA's float32 settings, and the CPUs a process may use
+# ---------------------------------------------------------------------------------
+def test_gpu_options_are_the_reports_by_default_and_tf32_or_strict_on_request():
+    """The report's environment: deterministic cuDNN, TF32 convolutions, float32 products;
+    --tf32 adds TF32 products, --strict_fp32 turns TF32 off everywhere. Set through one API
+    both ways: afterwards every flag torch (and torch.compile) reads agrees, and reading none
+    of them raises (the legacy and new APIs mixed do)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32)
+    try:
+        for options, conv, products in (({}, True, False), ({"tf32": True}, True, True),
+                                        ({"strict_fp32": True}, False, False), ({}, True, False)):
+            devices.set_gpu_options(**options)
+            assert (cudnn.benchmark, cudnn.deterministic) == (False, True)
+            assert cudnn.allow_tf32 is conv and matmul.allow_tf32 is products
+            assert torch.get_float32_matmul_precision() == ("high" if products else "highest")
+            if hasattr(matmul, "fp32_precision"):  # the newer API says the same
+                assert (matmul.fp32_precision == "tf32") is products and (cudnn.conv.fp32_precision == "tf32") is conv
+        devices.set_gpu_options(cudnn_benchmark=True)
+        assert (cudnn.benchmark, cudnn.deterministic) == (True, False)
+    finally:
+        cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
-@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
-def test_the_non_finite_check_reads_the_gradients_and_writes_only_its_flag(bad):
-    model = TinyNet()
-    model(torch.rand(2, 3, 4, 4))[1].sum().backward()
-    if bad is not None:
-        model.fc.bias.grad[5] = bad
-    guard = devices.NonFiniteGuard(torch.optim.Adam(model.parameters(), fused=True), CPU)
-    with Writes() as ops:
-        found = guard.check(torch.tensor(0.5))
-    grads = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
-    assert not ops.written & grads and ops.written == {guard.found.untyped_storage().data_ptr()}
-    assert float(found) == (bad is not None)
-    assert float(guard.check(torch.tensor(float("nan")))) == 1  # a non-finite loss alone
-
-
-def test_the_best_weights_are_kept_on_the_models_device_not_copied_to_the_host(tiny_data, tmp_path, monkeypatch):
-    """A meta-device model stands in for a GPU's: its copy stays there (a host copy of a meta
-    tensor fails). In training, an improving epoch makes no host copy (the writer makes one
-    as it writes best_model.pt, with host tensors, so a plain torch.load works anywhere)."""
-    kept = checkpoints.best_weights(torch.nn.Linear(3, 2, device="meta"))
-    assert {v.device.type for v in kept.values()} == {"meta"}
-    model = torch.nn.Linear(3, 2)
-    kept = checkpoints.best_weights(model)
-    assert torch.equal(kept["weight"], model.weight) and kept["weight"].data_ptr() != model.weight.data_ptr()
-    copies = []
-    monkeypatch.setattr(train, "host_copy", lambda obj: copies.append(obj) or checkpoints.host_copy(obj))
-    args = train.get_args_parser().parse_args(["--data_dir", tiny_data, "--out_dir", str(tmp_path / "run"),
-                                               "--epochs", "2", "--batch_size", "4", "--quiet", "--width",
-                                               "2", "--n_blocks", "1", "--device", "cpu"])
-    history = train.main(args)
-    assert history["best_epoch"] in (1, 2) and copies == []
-    saved = torch.load(os.path.join(args.out_dir, "best_model.pt"), weights_only=True)
-    assert {v.device.type for v in saved.values()} == {"cpu"}
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux's CPU affinity")
+def test_workers_default_to_the_cpus_this_process_may_use():
+    """As a Slurm task given one CPU of the node sees it: the count is the process's share."""
+    code = ("import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); sys.path.insert(0, '.')\n"
+            "import devices, Dataset; print(devices.usable_cpus(), Dataset.get_args_parser().parse_args("
+            "['--coco_dir', 'C', '--out_dir', 'D']).workers, os.cpu_count())")
+    usable, workers, machine = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                                              text=True, check=True).stdout.split()
+    assert usable == workers == "1" and int(machine) == os.cpu_count()

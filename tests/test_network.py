@@ -93,3 +93,16 @@ def test_block_skip():
     torch.testing.assert_close(learnable(x), torch.relu(learnable.conv(x) + learnable.res_conv(x)))
     extra = sum(p.numel() for p in learnable.parameters()) - sum(p.numel() for p in block.parameters())
     assert extra == 4 * 4 * 9 + 4 + 2 * 4  # conv3x3 with bias + BatchNorm
+
+
+def test_build_model_takes_saved_settings_or_options():
+    import argparse
+    from network import ARCHITECTURE, build_model
+    torch.manual_seed(0)
+    from_dict = build_model({**ARCHITECTURE, "width": 2, "n_blocks": 1, "epochs": 3}, image_size=64)
+    torch.manual_seed(0)
+    from_options = build_model(argparse.Namespace(width=2, n_blocks=1, learnable_res=False, lr=1e-3), image_size=64)
+    assert count_parameters(from_dict) == count_parameters(from_options)
+    assert all(torch.equal(a, b) for a, b in zip(from_dict.state_dict().values(), from_options.state_dict().values()))
+    assert from_dict(torch.zeros(2, 3, 64, 64))[1].shape == (2, 4)
+    assert count_parameters(build_model(ARCHITECTURE)) == (88, 211_083_307)

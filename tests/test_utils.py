@@ -233,11 +233,11 @@ def test_figures_write_pngs(tmp_path):
              "box": box, "pred_box": (box + 0.05).clamp(0, 1), "iou": torch.rand(n, generator=gen)}
     images = (torch.rand(n, 3, 256, 256, generator=gen) * 255).to(torch.uint8)
     cm = confusion_matrix(preds["label"], preds["pred_label"])
-    utils.plot_cm(cm, str(tmp_path / "cm.png"), "CIoU", "test", 0.8, 0.61)
+    utils.plot_cm(cm, str(tmp_path / "cm.png"), "Fig. 17(a) (report): HW5Net, CIoU loss, test data", 0.8, 0.61)
     utils.display_preds(images, preds, str(tmp_path / "preds.png"), "CIoU model, test data")
     history = {s: {"cross_entropy": [1.0, 0.5, 0.3], "box_loss": [0.6, 0.4, 0.3],
                    "accuracy": [0.4, 0.7, 0.9], "mean_iou": [0.1, 0.3, 0.5]} for s in ("train", "test")}
-    utils.plot_history(history, str(tmp_path / "curves.png"), "CIoU")
+    utils.plot_history(history, str(tmp_path / "curves.png"), "CIoU", "Fig. 20 (report): training curves")
     assert png_shape(tmp_path / "cm.png") == (480, 560)
     assert png_shape(tmp_path / "preds.png") == (960, 1350)
     assert png_shape(tmp_path / "curves.png") == (360, 1680)
@@ -306,3 +306,9 @@ def test_coco_metrics_per_class_and_a_class_the_split_lacks():
     assert m["per_class"]["bus"] == {"AP": pytest.approx(1.0), "AP50": pytest.approx(1.0), "AP75": pytest.approx(1.0)}
     assert m["per_class"]["cat"]["AP"] == 0.0 and m["per_class"]["pizza"]["AP"] is None
     assert m["AP"] == pytest.approx(0.5)  # the mean over the classes the split has
+
+
+def test_mean_box_baseline():
+    train_boxes = torch.tensor([[0.0, 0.0, 0.4, 0.5], [0.0, 0.0, 0.6, 0.5]])  # mean [0, 0, .5, .5]
+    test_boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.5, 1.0]])
+    assert utils.mean_box_baseline(train_boxes, test_boxes) == pytest.approx((1 + 0 + 0.5) / 3)
