@@ -296,12 +296,13 @@ def seeds_markdown(results):
     lines += [f"Mean ± sample std (min to max) over {len(seeds)} training seeds; the data is the "
               f"same for every seed.", ""]
 
-    def cell(v, fmt):
-        return f"{fmt(v['mean'])} ± {fmt(v['std'])} ({fmt(v['min'])} to {fmt(v['max'])})"
+    def cell(v, scale, digits, unit=""):
+        def number(x):
+            return f"{scale * x:.{digits}f}"
+        return f"{number(v['mean'])}{unit} ± {number(v['std'])} ({number(v['min'])} to {number(v['max'])})"
     coco_lines, coco = coco_markdown({key: {split: agg[key][split]["coco"] for split in SPLITS
                                             if split in agg[key]} for key, _ in MODELS})
-    rows = {(key, split): (cell(agg[key][split]["accuracy"], lambda v: f"{100 * v:.1f}%"),
-                           cell(agg[key][split]["mean_iou"], lambda v: f"{v:.3f}"))
+    rows = {(key, split): (cell(agg[key][split]["accuracy"], 100, 1, "%"), cell(agg[key][split]["mean_iou"], 1, 3))
             for key, _ in MODELS for split in ("train", "test")}
     lines += numbers_table(rows, results["baseline"], coco)
     lines += verdict_lines({key: {m: agg[key]["test"][m]["mean"] for m in ("accuracy", "mean_iou")}

@@ -131,6 +131,43 @@ class RunningMeans:
         return dict(zip(METRICS, (self.sums[:-1] / self.sums[-1]).tolist()))  # a host sync
 
 
+def selection_score(metrics):
+    """The report's rule (Fig. 13): round(accuracy, 3) + (1 - box loss) of the split
+    selected on; the highest wins, a tie keeps the earlier epoch."""
+    return round(metrics["accuracy"], 3) + (1 - metrics["box_loss"])
+
+
+def run_settings(args, device):
+    """Every option as a JSON value (the architecture among them, so OUT alone says how to
+    rebuild the model), the device, and the paths made absolute."""
+    settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    settings["device"] = str(device)
+    settings.update({k: os.path.abspath(settings[k]) for k in ("data_dir", "out_dir") if settings.get(k)})
+    return settings
+
+
+def new_history(splits, select_on, loss_name):
+    history = {split: {m: [] for m in METRICS} for split in splits}
+    history.update(epoch_seconds=[], save_seconds=[], skipped_steps=[], best_epoch=None,
+                   best_score=None, select_on=select_on, loss=loss_name)
+    return history
+
+
+def record_epoch(history, epoch, results, seconds):
+    """The epoch's metrics into history, and the report's selection rule: True when this
+    epoch is the best so far."""
+    for split, metrics in results.items():
+        for m in METRICS:
+            history[split][m].append(metrics[m])
+    history["skipped_steps"].append(results["train"]["skipped_steps"])
+    history["epoch_seconds"].append(round(seconds, 3))
+    score = selection_score(results[history["select_on"]])
+    if history["best_score"] is None or score > history["best_score"]:
+        history["best_score"], history["best_epoch"] = score, epoch
+        return True
+    return False
+
+
 def train_one_epoch(model, batches, optimizer, criterion_cls, criterion_box, device, epoch, lr=None,
                     order=True, single_backward=False, amp=False, progress=True):
     """One pass over batches; lr (a LearningRate) sets each step's rate. Returns the running
@@ -176,43 +213,6 @@ def train_one_epoch(model, batches, optimizer, criterion_cls, criterion_box, dev
             bar.set_postfix(ce=f"{means['cross_entropy']:.3f}", box=f"{means['box_loss']:.3f}",
                             acc=f"{means['accuracy']:.3f}")
     return {**running.means(), "skipped_steps": int(running.skipped)}
-
-
-def selection_score(metrics):
-    """The report's rule (Fig. 13): round(accuracy, 3) + (1 - box loss) of the split
-    selected on; the highest wins, a tie keeps the earlier epoch."""
-    return round(metrics["accuracy"], 3) + (1 - metrics["box_loss"])
-
-
-def run_settings(args, device):
-    """Every option as a JSON value (the architecture among them, so OUT alone says how to
-    rebuild the model), the device, and the paths made absolute."""
-    settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
-    settings["device"] = str(device)
-    settings.update({k: os.path.abspath(settings[k]) for k in ("data_dir", "out_dir") if settings.get(k)})
-    return settings
-
-
-def new_history(splits, select_on, loss_name):
-    history = {split: {m: [] for m in METRICS} for split in splits}
-    history.update(epoch_seconds=[], save_seconds=[], skipped_steps=[], best_epoch=None,
-                   best_score=None, select_on=select_on, loss=loss_name)
-    return history
-
-
-def record_epoch(history, epoch, results, seconds):
-    """The epoch's metrics into history, and the report's selection rule: True when this
-    epoch is the best so far."""
-    for split, metrics in results.items():
-        for m in METRICS:
-            history[split][m].append(metrics[m])
-    history["skipped_steps"].append(results["train"]["skipped_steps"])
-    history["epoch_seconds"].append(round(seconds, 3))
-    score = selection_score(results[history["select_on"]])
-    if history["best_score"] is None or score > history["best_score"]:
-        history["best_score"], history["best_epoch"] = score, epoch
-        return True
-    return False
 
 
 def train(model, train_set, test_set, out_dir, args, device, val_set=None, progress=True):

@@ -226,6 +226,7 @@ def test_resume_errors(tiny_data, tmp_path):
         train.main(train_args(tiny_data, out, "--resume"))
 
 
+@pytest.mark.slow
 def test_a_finished_run_kept_with_its_checkpoint_trains_further_exactly(tiny_data, tmp_path):
     """--keep_checkpoint, then --resume with a larger --epochs, with --augment: the batch
     order and the flips of the later epochs are those of an uninterrupted run."""
@@ -249,6 +250,7 @@ def test_a_resume_with_other_settings_or_a_batch_of_one_is_refused(tiny_data, tm
         train.main(train_args(tiny_data, str(tmp_path / "other"), "--batch_size", "1", *common))
 
 
+@pytest.mark.slow
 def test_a_cosine_run_resumes_on_its_schedule_and_refuses_other_epochs(tiny_data, tmp_path, monkeypatch):
     common = ["--loss", "mse", "--lr_schedule", "cosine", "--warmup_epochs", "0.5",
               "--checkpoint_minutes", "0", *SMALL]

@@ -58,6 +58,7 @@ def thumbs_data(tmp_path_factory):
     return str(root / "data")
 
 
+@pytest.mark.slow
 def test_hw5net_learns_the_classes_of_real_photos(thumbs_data, tmp_path):
     from Dataset import MyCOCODataset
     labels = MyCOCODataset(thumbs_data, train=False).labels

@@ -91,6 +91,7 @@ def test_any_mode_size_and_exif_orientation_and_unique_overlay_names(weights, tm
     assert cv2.imread(os.path.join(out, by_name["a/x.jpg"]["overlay"])).shape[:2] == (40, 300)
 
 
+@pytest.mark.slow
 def test_bad_input_stops_with_one_line(weights, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("hello")

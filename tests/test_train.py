@@ -50,6 +50,7 @@ def test_a_finished_run_keeps_best_model_and_history_with_its_settings(tiny_data
         train.main(args_for(tiny_data, out, "--epochs", "3", "--loss", "mse", "--resume", *SMALL))
 
 
+@pytest.mark.slow
 def test_checkpoints_every_epoch_with_zero_minutes_and_none_in_a_short_run_by_default(tiny_data, tmp_path):
     every = train.main(args_for(tiny_data, str(tmp_path / "every"), "--epochs", "3", *SMALL,
                                 "--checkpoint_minutes", "0", "--keep_checkpoint"))
@@ -95,6 +96,7 @@ def test_single_and_dual_backward_give_the_same_gradients():
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_loss_falls_when_overfitting_one_batch():
     torch.manual_seed(0)
     model = HW5Net()
@@ -158,6 +160,7 @@ def test_a_last_batch_of_under_half_a_batch_is_skipped(tiny_data, tmp_path, monk
 
 
 
+@pytest.mark.slow
 def test_a_run_stopped_by_an_error_keeps_its_best_model_and_no_partial_file(tiny_data, tmp_path, monkeypatch):
     """No checkpoint is due (default minutes), so the best weights wait in memory: an error
     in epoch 2 must not lose epoch 1's. A .tmp a killed write left is removed on resume."""
@@ -198,6 +201,7 @@ CANNED = {"test": [(0.80, 0.50), (0.9004, 0.40), (0.9001, 0.3999), (0.9003, 0.39
           "train": [(1.00, 0.00), (0.50, 0.50), (0.50, 0.50), (0.50, 0.50), (0.50, 0.50)]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("val_fraction, best", [(None, 3), (0.25, 5)])
 def test_the_report_rule_selects_the_best_epoch_and_best_model_pt_holds_its_weights(
         tiny_data, tmp_path, monkeypatch, val_fraction, best):
@@ -309,6 +313,7 @@ def stopped(args, caplog):
     return stop.value.code, caplog.text
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_the_same_command_gives_the_uninterrupted_history(tiny_data, tmp_path,
                                                                                    monkeypatch, caplog):
     """A Slurm preemption: the epoch in progress ends, a checkpoint is written (and its
