@@ -314,20 +314,20 @@ class NonFiniteGuard:
 
     def __init__(self, optimizer, device):
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.found = torch.zeros((), device=device)
+        self.nonfinite = torch.zeros((), device=device)
         self.on_device = bool(optimizer.defaults.get("fused")) and skips_on_the_device(
             type(optimizer), str(device))
         if self.on_device:
-            optimizer.found_inf = self.found  # read by every optimizer.step()
+            optimizer.found_inf = self.nonfinite  # read by every optimizer.step()
 
     def check(self, loss):
         """Sets and returns the step's flag (1.0: not finite)."""
         grads = [p.grad for p in self.params if p.grad is not None]
         largest = torch.stack(torch._foreach_norm(grads, math.inf)).max() if grads else loss  # NaN stays NaN
-        self.found.copy_(~(torch.isfinite(loss) & torch.isfinite(largest)))
-        return self.found
+        self.nonfinite.copy_(~(torch.isfinite(loss) & torch.isfinite(largest)))
+        return self.nonfinite
 
     def allows_step(self):
         """Whether to call optimizer.step(): always where it skips on the device, else after
         the host has read the flag (a sync)."""
-        return self.on_device or not self.found.item()
+        return self.on_device or not self.nonfinite.item()

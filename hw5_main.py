@@ -137,15 +137,15 @@ def run_experiment(args, out_dir, datasets, device, t_start):
         results["comparison"][split] = compare_models(ciou, mse)
         draw_comparison(out_dir, split, data.images, ciou, mse, args.seed)
     results["report"] = REPORT
-    s = {k: v for k, v in run_settings(args, device).items() if k in EXPERIMENT_SETTINGS}
-    s.update(n_train=len(train_set), n_test=len(test_set), n_val=len(val_set) if val_set else 0,
+    settings = {k: v for k, v in run_settings(args, device).items() if k in EXPERIMENT_SETTINGS}
+    settings.update(n_train=len(train_set), n_test=len(test_set), n_val=len(val_set) if val_set else 0,
              parameters=n_params, parameter_tensors=n_layers, torch=torch.__version__,
              python=platform.python_version(), wall_seconds=round(time.perf_counter() - t_start, 1))
     if args.demo:
-        s.update(n_synthetic_train=args.n_train, n_synthetic_val=args.n_val, synthetic_seed=args.synthetic_seed)
+        settings.update(n_synthetic_train=args.n_train, n_synthetic_val=args.n_val, synthetic_seed=args.synthetic_seed)
     if args.resume:  # a finished run evaluated again: the first command's time is kept
-        keep_earlier_wall_seconds(s, os.path.join(out_dir, "results.json"))
-    results["settings"] = s
+        keep_earlier_wall_seconds(settings, os.path.join(out_dir, "results.json"))
+    results["settings"] = settings
     write_json(results, os.path.join(out_dir, "results.json"))
     write_text(results_markdown(results), os.path.join(out_dir, "results.md"))
     return results

@@ -57,18 +57,6 @@ REPORT_FIGURES = {"ciou_train_cm": "14(a)", "mse_train_cm": "14(b)", "ciou_test_
                   "ciou_test_preds": "18", "mse_test_preds": "19", "ciou_curves": "20"}
 # What results.json keeps of a run's settings (train.run_settings), and what results.md lists.
 EXPERIMENT_SETTINGS = ("demo", "device", "data_dir", *REPORT_SETTINGS, "eval_batch_size")
-SETTINGS_SHOWN = ("device", "data_dir", "n_train", "n_test", "n_val", *REPORT_SETTINGS, "torch",
-                  "wall_seconds", "earlier_wall_seconds", "n_synthetic_train", "n_synthetic_val",
-                  "synthetic_seed")
-# What a settings line of results.md counts, where its name alone could mislead.
-SETTING_NOTES = {
-    "n_train": "images trained on", "n_test": "test images",
-    "n_val": "images held out of training for validation, --val_fraction",
-    "n_synthetic_train": "synthetic train2014 images drawn, --n_train",
-    "n_synthetic_val": "synthetic val2014 images drawn, --n_val",
-    "wall_seconds": "the command, start to end; in OUT/seed{k}, that seed's part of it",
-    "earlier_wall_seconds": "the earlier commands that wrote these results, before a --resume",
-}
 DEMO_NOTE = ["Demo run on synthetic data (drawn buses, cats and pizzas). The report's numbers "
              "are for COCO 2014 and are shown for scale only.", ""]
 
@@ -129,15 +117,16 @@ def verdict_lines(test):
     return lines + [""]
 
 
-def differing_settings(s):
+def differing_settings(settings):
     """A line for each setting of the run that is not the report's."""
     def option(k, v):
         return f"`--{k}`" if v is True else f"no `--{k}`" if v is False else f"`--{k} {v}`"
-    lines = [f"- {option(k, s[k])} (the report's: {option(k, v)}){': ' + WHY_IT_DIFFERS[k] if k in WHY_IT_DIFFERS else ''}"
-             for k, v in REPORT_SETTINGS.items() if k in s and s[k] != v]
-    if s.get("demo"):
+    lines = [f"- {option(k, settings[k])} (the report's: {option(k, v)})"
+             + (f": {WHY_IT_DIFFERS[k]}" if k in WHY_IT_DIFFERS else "")
+             for k, v in REPORT_SETTINGS.items() if k in settings and settings[k] != v]
+    if settings.get("demo"):
         lines.append("- the data: synthetic drawings (`--demo`), not COCO 2014")
-    lines += [f"- {k} {s[k]} (the report's: {n})" for k, n in REPORT_IMAGES.items() if s[k] != n]
+    lines += [f"- {k} {settings[k]} (the report's: {n})" for k, n in REPORT_IMAGES.items() if settings[k] != n]
     return lines or ["- none"]
 
 
@@ -169,9 +158,16 @@ def coco_markdown(coco):
                           for key, _ in MODELS for split, c in coco[key].items()}
 
 
-def settings_lines(settings, keys):
-    return [f"- {k} ({SETTING_NOTES[k]}): {settings[k]}" if k in SETTING_NOTES else f"- {k}: {settings[k]}"
-            for k in keys if k in settings]
+def run_lines(settings):
+    """Where the run ran and how long it took; every option is in results.json's settings."""
+    s = settings
+    earlier = (f" (before a --resume: {', '.join(f'{t} s' for t in s['earlier_wall_seconds'])})"
+               if "earlier_wall_seconds" in s else "")
+    drawn = (f" (drawn with --n_train {s['n_synthetic_train']} --n_val {s['n_synthetic_val']} "
+             f"--synthetic_seed {s['synthetic_seed']})" if s["demo"] else "")
+    return ["## The run", "", f"{s['n_train']} training, {s['n_test']} test and {s['n_val']} held-out "
+            f"images from {s['data_dir']}{drawn}; on {s['device']}, torch {s['torch']}; {s['wall_seconds']} s "
+            f"from the command's start to its end{earlier}. Every option: `settings` in results.json."]
 
 
 def comparison_lines(comparison):
@@ -191,12 +187,12 @@ def comparison_lines(comparison):
 def results_markdown(results):
     """results.md of one run: its numbers beside the report's, the verdicts, what differs
     from the report, the COCO metrics, the figures and the settings."""
-    s = results["settings"]
+    settings = results["settings"]
     coco_lines, coco = coco_markdown({key: {split: results[key][split]["coco"] for split in SPLITS
                                             if split in results[key]} for key, _ in MODELS})
     rows = {(key, split): (f"{100 * results[key][split]['accuracy']:.1f}%", f"{results[key][split]['mean_iou']:.3f}")
             for key, _ in MODELS for split in ("train", "test")}
-    lines = ["# HW5Net: CIoU vs MSE box loss", ""] + (DEMO_NOTE if s["demo"] else [])
+    lines = ["# HW5Net: CIoU vs MSE box loss", ""] + (DEMO_NOTE if settings["demo"] else [])
     lines += ["The report's Section 4 numbers (its prose: the report has no results table) beside this "
               "run's, with the mean-box baseline: the training set's mean box given to every image.", ""]
     lines += numbers_table(rows, results["baseline"], coco)
@@ -210,9 +206,9 @@ def results_markdown(results):
                      f"{r['select_on']}); {r['train_seconds']:.0f} s of epochs (training and per-epoch "
                      f"evaluation), {r['save_seconds']:.1f} s writing files ({r['files_written']}: "
                      f"checkpoints and the best model){skipped}")
-    lines += ["", "## Settings that differ from the report's", ""] + differing_settings(s) + [""]
+    lines += ["", "## Settings that differ from the report's", ""] + differing_settings(settings) + [""]
     lines += coco_lines + figure_lines()
-    lines += ["## Settings", ""] + settings_lines(s, SETTINGS_SHOWN)
+    lines += run_lines(settings)
     return "\n".join(lines) + "\n"
 
 
@@ -290,9 +286,9 @@ def aggregate_seed_folders(out_dir, seeds=None):
 def seeds_markdown(results):
     """OUT/results.md of a --seeds run: mean ± std (min to max) per model and split beside
     the report's numbers, the verdicts on the means, then a row per seed."""
-    s, seeds, agg = results["settings"], results["seeds"], results["aggregate"]
+    settings, seeds, agg = results["settings"], results["seeds"], results["aggregate"]
     lines = ["# HW5Net: CIoU vs MSE box loss, over seeds " + ", ".join(map(str, seeds)), ""]
-    lines += DEMO_NOTE if s["demo"] else []
+    lines += DEMO_NOTE if settings["demo"] else []
     lines += [f"Mean ± sample std (min to max) over {len(seeds)} training seeds; the data is the "
               f"same for every seed.", ""]
 
@@ -308,7 +304,7 @@ def seeds_markdown(results):
     lines += verdict_lines({key: {m: agg[key]["test"][m]["mean"] for m in ("accuracy", "mean_iou")}
                             for key, _ in MODELS})
     lines += comparison_lines(agg["comparison"])
-    lines += ["## Settings that differ from the report's", ""] + differing_settings(s) + [""]
+    lines += ["## Settings that differ from the report's", ""] + differing_settings(settings) + [""]
     lines += coco_lines
     lines += ["## Each seed", "",
               "| seed | model | best epoch | train accuracy | train mean IoU | test accuracy | test mean IoU |",
@@ -320,9 +316,8 @@ def seeds_markdown(results):
                          f"{100 * r['train']['accuracy']:.1f}% | {r['train']['mean_iou']:.3f} | "
                          f"{100 * r['test']['accuracy']:.1f}% | {r['test']['mean_iou']:.3f} |")
     lines += ["", "Each seed's run, figures and results: "
-              + ", ".join(f"[seed{k}/results.md](seed{k}/results.md)" for k in seeds) + ".", "",
-              "## Settings", ""]
-    lines += settings_lines(s, SETTINGS_SHOWN + ("seeds",))
+              + ", ".join(f"[seed{k}/results.md](seed{k}/results.md)" for k in seeds) + ".", ""]
+    lines += run_lines(settings)
     return "\n".join(lines) + "\n"
 
 

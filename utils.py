@@ -146,12 +146,12 @@ def evaluation(model, loader, criterion_cls, criterion_box, device, order=True, 
             labels = batch["label"].to(device, non_blocking=True)
             boxes = batch["bbox"].to(device, non_blocking=True)
             with autocast(device, amp):
-                logits, raw = model(images)
-            logits, raw = logits.float(), raw.float()
+                logits, raw_boxes = model(images)
+            logits, raw_boxes = logits.float(), raw_boxes.float()
             bs = labels.shape[0]
-            pred_box = order_boxes(raw) if order else raw
+            pred_box = order_boxes(raw_boxes) if order else raw_boxes
             sums += torch.stack([criterion_cls(logits, labels), criterion_box(pred_box, boxes),
-                                 inverted_fraction(raw)]).to(sums.dtype) * bs
+                                 inverted_fraction(raw_boxes)]).to(sums.dtype) * bs
             parts["label"].append(labels)
             parts["pred_label"].append(logits.argmax(1))
             parts["scores"].append(logits.softmax(1))

@@ -259,7 +259,7 @@ def test_the_non_finite_check_reads_the_gradients_and_writes_only_its_flag(bad):
     with Writes() as ops:
         found = guard.check(torch.tensor(0.5))
     grads = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
-    assert not ops.written & grads and ops.written == {guard.found.untyped_storage().data_ptr()}
+    assert not ops.written & grads and ops.written == {guard.nonfinite.untyped_storage().data_ptr()}
     assert float(found) == (bad is not None)
     assert float(guard.check(torch.tensor(float("nan")))) == 1  # a non-finite loss alone
 
