@@ -10,7 +10,6 @@ photo (128) of coco_thumbs. Prints, per seed, the best epoch's test accuracy aga
 majority class's share and its test mean IoU against the mean box's.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -19,26 +18,11 @@ sys.path.insert(0, ROOT)
 import train  # noqa: E402
 from cli import HelpFormatter  # noqa: E402
 from Dataset import MyCOCODataset, build_dataset  # noqa: E402
+from synthetic.coco import slice_of_coco  # noqa: E402
 from utils import mean_box_baseline  # noqa: E402
 
 N_IMAGES = {"train": 256, "val": 128}  # as tests/test_photos.py
 EPOCHS = 3
-
-
-def slice_of_thumbs(thumbs, root):
-    """A COCO tree of every k-th image of each coco_thumbs split (the class mix kept), its
-    images linked, not copied."""
-    for split, n in N_IMAGES.items():
-        with open(os.path.join(thumbs, "annotations", f"instances_{split}2014.json")) as f:
-            coco = json.load(f)
-        images = sorted(coco["images"], key=lambda im: im["id"])
-        images = images[::len(images) // n][:n]
-        ids = {im["id"] for im in images}
-        coco.update(images=images, annotations=[a for a in coco["annotations"] if a["image_id"] in ids])
-        os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-        with open(os.path.join(root, "annotations", f"instances_{split}2014.json"), "w") as f:
-            json.dump(coco, f)
-        os.symlink(os.path.join(os.path.abspath(thumbs), f"{split}2014"), os.path.join(root, f"{split}2014"))
 
 
 def get_args_parser():
@@ -52,7 +36,7 @@ def get_args_parser():
 def main(args):
     data = os.path.join(args.out, "data")
     if not os.path.exists(data):  # built once: the AVX2 run uses the plain run's
-        slice_of_thumbs(args.thumbs, os.path.join(args.out, "coco"))
+        slice_of_coco(args.thumbs, os.path.join(args.out, "coco"), N_IMAGES)
         build_dataset(os.path.join(args.out, "coco"), data, workers=2, progress=False, figure=False)
     train_set, test_set = MyCOCODataset(data, train=True), MyCOCODataset(data, train=False)
     chance = float(test_set.labels.bincount().max()) / len(test_set)

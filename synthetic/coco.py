@@ -372,6 +372,22 @@ def make_synthetic_coco(out_dir, n_train=300, n_val=150, seed=0, year=2014):
     return result
 
 
+def slice_of_coco(src, dst, n_images):
+    """A COCO tree at dst of every k-th image of each split of the tree at src (n_images:
+    {"train": n, "val": n}), so that the class mix is kept; its images are linked, not copied."""
+    for split, n in n_images.items():
+        with open(os.path.join(src, "annotations", f"instances_{split}2014.json")) as f:
+            coco = json.load(f)
+        images = sorted(coco["images"], key=lambda im: im["id"])
+        images = images[::len(images) // n][:n]
+        ids = {im["id"] for im in images}
+        coco.update(images=images, annotations=[a for a in coco["annotations"] if a["image_id"] in ids])
+        os.makedirs(os.path.join(dst, "annotations"), exist_ok=True)
+        write_text(json.dumps(coco), os.path.join(dst, "annotations", f"instances_{split}2014.json"))
+        os.symlink(os.path.join(os.path.abspath(src), f"{split}2014"), os.path.join(dst, f"{split}2014"))
+    return dst
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)

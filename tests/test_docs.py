@@ -58,7 +58,7 @@ def code_lines(text):
         elif fence in SHELL_FENCES:
             start, before = pending or (n, "")
             code = f"{before} {line.strip()}".strip()
-            pending = (start, code[:-1]) if code.endswith("\\") else None
+            pending = (start, code[:-1].rstrip()) if code.endswith("\\") else None
             if not pending:
                 found.append((start, code))
     # A paragraph, list item, heading or table row: the lines a code span may cross.
@@ -153,6 +153,7 @@ def check(command):
     stage, stderr = "importing it", io.StringIO()
     try:
         with mock.patch.object(sys, "path", [os.path.dirname(path), ROOT, *sys.path]), \
+                mock.patch.object(sys, "argv", [path, *command.argv]), \
                 contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
             module = load(command.kind, command.target)
             stage = "get_args_parser().parse_args()"
@@ -226,15 +227,15 @@ MKL_ENABLE_INSTRUCTIONS=AVX2 python hw5_main.py --demo --out_dir OUT`, then `--d
 def test_extractor_on_each_syntax():
     got = [(c.line, c.kind, c.target, c.argv) for c in extract_commands(MARKDOWN, "made-up.md")]
     assert got == [
-        (4, "script", "train.py", ["--data_dir", "D", "--out_dir", "O"]),                    # continuation, comment
-        (7, "script", "hw5_main.py", ["--seeds", "0", "1", "2", "--seed_index", "0"]),     # for loop, env, redirection
-        (10, "script", "hw5_main.py", ["--demo", "--out_dir", "0"]),                       # /usr/bin/time -v, ${OUT}
-        (11, "module", "synthetic.coco", ["--out_dir", "x"]),                              # -m, pipe, ;
-        (12, "script", "gpu/first_run.py", ["--out_dir", "0", "--thumbs", "a b"]),         # "$VAR", quotes
-        (21, "script", "network.py", []),                                                  # inline, > file
-        (21, "script", "hw5_main.py", ["--demo", "--out_dir", "OUT"]),                     # wrapped span, env
-        (23, "script", "missing/nothere.py", ["--x"]),                                     # `` span
-        (25, "script", "predict.py", ["--weights", "W", "P"]),                             # table cell
+        (4, "script", "train.py", ["--data_dir", "D", "--out_dir", "O"]),               # \, comment
+        (7, "script", "hw5_main.py", ["--seeds", "0", "1", "2", "--seed_index", "0"]),  # for, env, >, 2>&1
+        (10, "script", "hw5_main.py", ["--demo", "--out_dir", "0"]),                    # time -v, ${OUT}
+        (11, "module", "synthetic.coco", ["--out_dir", "x"]),                           # -m, |, ;
+        (12, "script", "gpu/first_run.py", ["--out_dir", "0", "--thumbs", "a b"]),      # "$VAR", quotes
+        (21, "script", "network.py", []),                                               # inline, > file
+        (21, "script", "hw5_main.py", ["--demo", "--out_dir", "OUT"]),                  # wrapped span, env
+        (23, "script", "missing/nothere.py", ["--x"]),                                  # `` span
+        (25, "script", "predict.py", ["--weights", "W", "P"]),                          # table cell
     ]
     assert extract_commands(MARKDOWN, "made-up.md")[1].written == (
         "CUDA_VISIBLE_DEVICES=$i python hw5_main.py --seeds 0 1 2 --seed_index $i > seed$i.log 2>&1 &")
@@ -249,9 +250,10 @@ def test_extractor_reports_a_line_it_cannot_split():
     ("python hw5_main.py --demo --out_dir OUT", None),
     ("python hw5_main.py --help", None),
     ("python -m synthetic.coco --out_dir x --n_train 3", None),
-    ("python hw5_main.py --out_dir OUT", ["resolve_args() refused it", "--data_dir"]),  # neither data nor --demo
+    ("python hw5_main.py --out_dir OUT", ["resolve_args() refused it", "--data_dir"]),  # no data, no --demo
     ("python hw5_main.py --demo --out_dir OUT --seed_index 1", ["resolve_args() refused it", "--seed_index"]),
-    ("python train.py --data_dir D --out_dir O --epoch_count 3", ["error: unrecognized arguments: --epoch_count 3"]),
+    ("python train.py --data_dir D --out_dir O --epoch_count 3",
+     ["error: unrecognized arguments: --epoch_count 3"]),
     ("python train.py --epochs 2", ["error: the following arguments are required: --data_dir, --out_dir"]),
     ("python train.py --data_dir D --out_dir O --epochs two", ["--epochs: invalid int value: 'two'"]),
     ("python missing/nothere.py --x", ["missing/nothere.py is not in the repository"]),

@@ -8,36 +8,19 @@ kernels and with AVX2 ones forced: 0.125 to 0.188 above the majority class's sha
 the best epoch's. Whether the boxes beat the mean box is not asserted: in those four runs
 they fell 0.09 to 0.13 below it (the box head on photos, docs/photos.md).
 """
-import json
 import os
 
 import pytest
 
 import train
 from Dataset import build_dataset
+from synthetic.coco import slice_of_coco
 
 THUMBS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                       "shared", "coco_thumbs")
 N_IMAGES = {"train": 256, "val": 128}
 EPOCHS = 3
 MARGIN = 0.10  # test accuracy above the majority class's share (measured: docs/photos.md)
-
-
-def slice_of_thumbs(root, n_images=N_IMAGES):
-    """A COCO tree of every k-th image of each coco_thumbs split (the class mix kept),
-    its images linked, not copied."""
-    for split, n in n_images.items():
-        with open(os.path.join(THUMBS, "annotations", f"instances_{split}2014.json")) as f:
-            coco = json.load(f)
-        images = sorted(coco["images"], key=lambda im: im["id"])
-        images = images[::len(images) // n][:n]
-        ids = {im["id"] for im in images}
-        coco.update(images=images, annotations=[a for a in coco["annotations"] if a["image_id"] in ids])
-        os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-        with open(os.path.join(root, "annotations", f"instances_{split}2014.json"), "w") as f:
-            json.dump(coco, f)
-        os.symlink(os.path.join(THUMBS, f"{split}2014"), os.path.join(root, f"{split}2014"))
-    return root
 
 
 def photo_run(data_dir, out_dir, seed=0):
@@ -53,7 +36,7 @@ def thumbs_data(tmp_path_factory):
     if not os.path.isdir(os.path.join(THUMBS, "annotations")):
         pytest.skip("../shared/coco_thumbs is not beside the checkout")
     root = tmp_path_factory.mktemp("thumbs")
-    slice_of_thumbs(str(root / "coco"))
+    slice_of_coco(THUMBS, str(root / "coco"), N_IMAGES)
     build_dataset(str(root / "coco"), str(root / "data"), workers=2, progress=False, figure=False)
     return str(root / "data")
 
