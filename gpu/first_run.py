@@ -1,5 +1,5 @@
-"""The first run on one A100 or H100 (gpu/README.md): its steps in at most 8 minutes, each
-recorded in OUT/summary.md and summary.json as it ends, so that a run cut off keeps what it measured.
+"""The first run on one A100 or H100 (gpu/README.md), in at most 8 minutes. OUT/summary.md and
+summary.json are rewritten as each step starts and ends: a run cut off keeps what it measured.
 
     python gpu/first_run.py --out_dir OUT --thumbs ../shared/coco_thumbs   # on the GPU
     python gpu/first_run.py --out_dir OUT --cpu      # every step tiny, on the CPU (CI)
@@ -30,25 +30,26 @@ from outputs import read_json, write_json, write_text  # noqa: E402
 
 log = logging.getLogger("first_run")
 
-# Seconds a step may take, and at most what is left of the total: on a GPU 8 minutes in all, for a
-# borrowed GPU that may be taken back after 10 (photos gets the rest, at least 255 s).
-LIMITS = {"gpu": {"machine": 25, "bench_vs_cpu": 100, "resume": 100, "total": 480},
-          "cpu": {"machine": 60, "bench_vs_cpu": 90, "resume": 150, "total": 420}}  # 2 shared cores
-# HW5Net and its train.py options, bench_vs_cpu's (steps, batch, image size), resume's synthetic
+# Seconds a step may take, within what is left of the total: on a GPU 8 minutes in all, for a
+# borrowed GPU that may be taken back after 10 (photos gets the rest, at least 260 s).
+LIMITS = {"gpu": {"bench_vs_cpu": 100, "resume": 100, "total": 480},
+          "cpu": {"bench_vs_cpu": 90, "resume": 150, "total": 420}}  # 2 cores, maybe shared
+# HW5Net, its train.py options, bench_vs_cpu's (steps, batch, image size), resume's synthetic
 # (train, val) images: the report's on a GPU, tiny with --cpu.
-SIZES = {"gpu": {"model": ARCHITECTURE, "options": [], "bench": (20, 16, 256), "images": (96, 32)},
-         "cpu": {"model": {"width": 1, "n_blocks": 1, "learnable_res": False},
-                 "options": ["--width", "1", "--n_blocks", "1"], "bench": (6, 4, 64), "images": (24, 8)}}
+TINY = {"width": 1, "n_blocks": 1, "learnable_res": False}
+SIZES = {"gpu": (ARCHITECTURE, [], (20, 16, 256), (96, 32)),
+         "cpu": (TINY, ["--width", "1", "--n_blocks", "1"], (6, 4, 64), (24, 8))}
+# (tf32, strict_fp32, amp) of each setting timed; the strict one is compared with the CPU.
 BENCH = {"defaults": (False, False, False), "--tf32": (True, False, False),
-         "--amp": (False, False, True), "--strict_fp32": (False, True, False)}  # (tf32, strict, amp)
-# Imported by the package, missing from some GPU images: gpu/README.md installs them first.
-NEEDED = ("pycocotools", "pytorch_model_summary", "tqdm")
+         "--amp": (False, False, True), "--strict_fp32": (False, True, False)}
+NEEDED = ("pycocotools", "pytorch_model_summary", "tqdm")  # not in every GPU image: gpu/README.md
 # CUDA against the CPU, from the same weights: the first loss's and the first gradients' relative
 # differences, about 10x those of two CPU runs whose kernels sum in other orders (gpu/README.md).
 # Later steps get no tolerance: those two CPU runs' losses part by up to 9% within 20 steps.
 FIRST_LOSS_RTOL, FIRST_GRADIENT_RTOL = 4e-6, 4e-2
 RESUME_ATOL = 1e-6  # a resumed run redoes no work: its history matches to the last digit
-LEFT_OUT = ("epoch_seconds", "save_seconds", "settings")  # timings and options, which a resume changes
+LEFT_OUT = ("epoch_seconds", "save_seconds", "settings")  # what a resume changes: timings, options
+SKIPPED = "skipped (no --thumbs)"
 
 
 class StepTimeout(BaseException):
@@ -60,14 +61,14 @@ def time_out(signum, frame):
 
 
 def run_command(cmd, log_path, commands, on_line=None, expected=0):
-    """Run cmd in the repository root, its output appended to log_path and handed line by line to
-    on_line(proc, line); killed if the step ends first. An exit status other than expected raises."""
+    """Run cmd in the repository root, its output appended to log_path and handed line by line
+    to on_line(proc, line); killed if the step ends first. An exit status not expected raises."""
     commands.append(shlex.join(cmd).replace(sys.executable, "python"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "a") as f, subprocess.Popen(cmd, cwd=ROOT, env=env, text=True,
-                                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
-        f.write(f"$ {commands[-1]}\n")
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    with open(log_path, "a") as f, subprocess.Popen(cmd, cwd=ROOT, env=env, **pipes) as proc:
         try:
+            f.write(f"$ {commands[-1]}\n")
             for line in proc.stdout:
                 f.write(line)
                 if on_line:
@@ -79,25 +80,26 @@ def run_command(cmd, log_path, commands, on_line=None, expected=0):
         raise RuntimeError(f"`{commands[-1]}` exited with status {proc.returncode}, not {expected}")
 
 
-def machine(fig, device):
-    """The machine's table, and which of the packages the package imports are missing."""
+def machine(device):
     gpu = "none"
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         gpu = f"{p.name}, {p.total_memory / 2 ** 30:.0f} GiB, sm_{p.major}{p.minor}"
     driver, driver_cuda = nvidia_driver_info() or ("none", None)
-    commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
-                            capture_output=True, text=True).stdout.strip()
-    fig.update({"GPU": gpu, "driver": f"{driver} (CUDA {driver_cuda})", "torch": torch.__version__,
-                "CUDA": torch.version.cuda, "cuDNN": torch.backends.cudnn.version(),
-                "Python": sys.version.split()[0], "CPU": f"{os.uname().machine}, {os.cpu_count()} cores",
-                "commit": commit, "missing": [m for m in NEEDED if importlib.util.find_spec(m) is None]})
+    describe = ["git", "-C", ROOT, "describe", "--always", "--dirty"]
+    git = subprocess.run(describe, capture_output=True, text=True) if shutil.which("git") else None
+    return {"GPU": gpu, "driver": f"{driver} (CUDA {driver_cuda})",
+            "torch": torch.__version__, "CUDA": torch.version.cuda,
+            "cuDNN": torch.backends.cudnn.version(), "Python": sys.version.split()[0],
+            "CPU": f"{os.uname().machine}, {os.cpu_count()} cores",
+            "commit": git.stdout.strip() if git and git.stdout else "unknown",
+            "missing": [m for m in NEEDED if importlib.util.find_spec(m) is None]}
 
 
 def train_steps(device, settings, shape, amp=False, seed=0):
-    """The report's step (train.train_one_epoch: two backward calls, fused Adam, CIoU) from the seed's
-    weights on batches of noise drawn on the CPU from seed, the same on every device:
-    (each step's loss, each step's seconds, the model, the first step's gradients)."""
+    """The report's step (train.train_one_epoch: two backward calls, fused Adam, CIoU) from the
+    seed's weights on noise drawn on the CPU from seed, the same on every device: (each step's
+    loss, each step's seconds, the model, the first step's gradients)."""
     from train import make_criteria, make_optimizer, seed_everything, train_one_epoch
     n_steps, batch_size, size = shape
     seed_everything(seed)
@@ -106,15 +108,13 @@ def train_steps(device, settings, shape, amp=False, seed=0):
     criterion_cls, criterion_box, _ = make_criteria("ciou")
     noise, losses, seconds, gradients = torch.Generator().manual_seed(seed), [], [], None
     for _ in range(n_steps):
-        corners = torch.rand(batch_size, 2, 2, generator=noise).sort(1).values  # x1 y1, x2 y2
-        batch = {"image": torch.rand(batch_size, 3, size, size, generator=noise).to(device),
-                 "bbox": corners.flatten(1).to(device),
-                 "label": torch.randint(3, (batch_size,), generator=noise).to(device)}
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the step's time alone
-        start = time.perf_counter()
+        batch = {"image": torch.rand(batch_size, 3, size, size, generator=noise),
+                 "bbox": torch.rand(batch_size, 2, 2, generator=noise).sort(1).values.flatten(1),
+                 "label": torch.randint(3, (batch_size,), generator=noise)}
+        batch = {k: v.to(device) for k, v in batch.items()}
+        start = time.perf_counter()  # the step before read its means back, a sync: this one alone
         means = train_one_epoch(model, [batch], optimizer, criterion_cls, criterion_box, device, 1,
-                                amp=amp, progress=False)  # reads its means back: a sync
+                                amp=amp, progress=False)
         seconds.append(time.perf_counter() - start)
         losses.append(means["cross_entropy"] + means["box_loss"])
         if gradients is None:
@@ -123,20 +123,19 @@ def train_steps(device, settings, shape, amp=False, seed=0):
 
 
 def differences(a, b):
-    """Of two runs, each (losses, first gradients, final state_dict), how far apart they are."""
+    """How far apart two runs are, each (losses, first gradients, final state_dict)."""
     def norm(tensors):
         return sum(t.double().pow(2).sum() for t in tensors).item() ** 0.5
 
-    (losses_a, grads_a, weights_a), (losses_b, grads_b, weights_b) = a, b
-    floats = [k for k in weights_a if weights_a[k].is_floating_point()]
-    return {"first loss, relative difference": abs(losses_a[0] - losses_b[0]) / abs(losses_a[0]),
+    (losses, grads, weights), (other_losses, other_grads, other_weights) = a, b
+    weight_differences = [(weights[k].cpu().double() - other_weights[k].cpu().double()).abs().max()
+                          for k in weights if weights[k].is_floating_point()]
+    return {"first loss, relative difference": abs(losses[0] - other_losses[0]) / abs(losses[0]),
             "first gradients, relative difference":
-                norm(grads_a[k] - grads_b[k] for k in grads_a) / norm(grads_a.values()),
+                norm(grads[k] - other_grads[k] for k in grads) / norm(grads.values()),
             "largest relative loss difference":
-                max(abs(x - y) / max(abs(x), abs(y)) for x, y in zip(losses_a, losses_b)),
-            "largest weight difference":
-                max((weights_a[k].cpu().double() - weights_b[k].cpu().double()).abs().max().item()
-                    for k in floats)}
+                max(abs(x - y) / max(abs(x), abs(y)) for x, y in zip(losses, other_losses)),
+            "largest weight difference": max(weight_differences).item()}
 
 
 def bench_vs_cpu(fig, device, settings, shape):
@@ -149,7 +148,7 @@ def bench_vs_cpu(fig, device, settings, shape):
         losses, seconds, model, gradients = train_steps(device, settings, shape, amp)
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
-        else:  # the process's peak RSS, in kB
+        else:  # the process's peak RSS, in KiB
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         fig[name] = {"ms a step": round(1000 * statistics.median(seconds[shape[0] // 2:]), 2),
                      "peak GiB": round(peak, 2)}
@@ -177,43 +176,43 @@ def largest_difference(a, b):
     return 0.0 if a == b else math.inf
 
 
-def resume(fig, out, device, model_options, n_images, log_path):
+def resume(fig, out, device, model_options, n_images):
     """train.py for 3 epochs, sent SIGTERM once it logs epoch 1, then run again with --resume,
     against the same run left alone: the histories must match."""
     from Dataset import build_dataset
     from synthetic.coco import make_synthetic_coco
     folder = os.path.join(out, "resume")
+    coco, data, cut, whole = (os.path.join(folder, d) for d in ("coco", "data", "cut", "whole"))
     shutil.rmtree(folder, ignore_errors=True)
-    make_synthetic_coco(os.path.join(folder, "coco"), *n_images, seed=0)
-    build_dataset(os.path.join(folder, "coco"), os.path.join(folder, "data"), progress=False, figure=False)
-    train = [sys.executable, "train.py", "--data_dir", os.path.join(folder, "data"), "--epochs", "3",
+    make_synthetic_coco(coco, *n_images, seed=0)
+    build_dataset(coco, data, progress=False, figure=False)
+    train = [sys.executable, "train.py", "--data_dir", data, "--epochs", "3",
              "--checkpoint_minutes", "0", "--device", str(device), "--quiet", *model_options]
-    cut, whole, commands = os.path.join(folder, "cut"), os.path.join(folder, "whole"), fig.setdefault("commands", [])
 
-    def stop_after_epoch_1(proc, line):  # as Slurm stops a job
-        if line.startswith("INFO train: epoch 1/3:"):
-            proc.send_signal(signal.SIGTERM)
-
-    def note_where_it_goes_on(proc, line):  # "... continuing the run in DIR after epoch N"
-        if "continuing the run in" in line:
+    def watch(proc, line):
+        if line.startswith("INFO train: epoch 1/3:") and "resumed after epoch" not in fig:
+            proc.send_signal(signal.SIGTERM)  # as Slurm stops a job
+        if "continuing the run in" in line:  # "... after epoch N"
             fig["resumed after epoch"] = int(line.split()[-1])
 
-    run_command([*train, "--out_dir", cut], log_path, commands, stop_after_epoch_1, EXIT_INTERRUPTED)
-    run_command([*train, "--out_dir", cut, "--resume"], log_path, commands, note_where_it_goes_on)
+    log_path, commands = os.path.join(out, "resume.log"), fig.setdefault("commands", [])
+    run_command([*train, "--out_dir", cut], log_path, commands, watch, EXIT_INTERRUPTED)
+    run_command([*train, "--out_dir", cut, "--resume"], log_path, commands, watch)
     run_command([*train, "--out_dir", whole], log_path, commands)
     histories = [read_json(os.path.join(d, "history.json"), "a history") for d in (cut, whole)]
     difference = largest_difference(*histories)
-    fig["largest difference"] = difference if difference < math.inf else "keys, lengths or text differ"
+    fig["largest difference"] = (difference if difference < math.inf
+                                 else "keys, lengths or text differ")
     fig["passed"] = difference <= RESUME_ATOL and fig.get("resumed after epoch") in (1, 2)
 
 
-def photos(fig, out, thumbs, device, options, log_path):
-    """The photos built into a dataset (Dataset.py), then the report's experiment on it (hw5_main.py)."""
+def photos(fig, out, thumbs, device, options):
+    """The photos built into a dataset (Dataset.py), then the report's experiment on it."""
     data, run = os.path.join(out, "photos", "data"), os.path.join(out, "photos", "run")
     shutil.rmtree(os.path.join(out, "photos"), ignore_errors=True)
-    commands = fig.setdefault("commands", [])
-    run_command([sys.executable, "Dataset.py", "--coco_dir", os.path.abspath(thumbs), "--out_dir", data,
-                 "--quiet"], log_path, commands)
+    log_path, commands = os.path.join(out, "photos.log"), fig.setdefault("commands", [])
+    run_command([sys.executable, "Dataset.py", "--coco_dir", os.path.abspath(thumbs),
+                 "--out_dir", data, "--quiet"], log_path, commands)
     run_command([sys.executable, "hw5_main.py", "--data_dir", data, "--out_dir", run,
                  "--device", str(device), "--quiet", *options], log_path, commands)
     results = read_json(os.path.join(run, "results.json"), "hw5_main.py's results")
@@ -226,20 +225,19 @@ def photos(fig, out, thumbs, device, options, log_path):
 
 
 def write_summary(summary, out):
-    """summary.json, and summary.md: the machine's table, then each step's status, figures, commands."""
+    """summary.json, and summary.md: the machine's table, then each step's status and figures."""
     finished = "" if summary["finished"] else ", NOT FINISHED"
     lines = [f"# First GPU run ({summary['mode']} mode)", "",
-             f"`{summary['command']}`, {summary['started']}, {summary['seconds']} s{finished}"]
+             f"`{summary['command']}`, {summary['started']}, {summary['seconds']} s{finished}", "",
+             "| machine | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary["machine"].items()]
     for step in summary["steps"]:
-        figures = step.get("figures", {})
         timing = f" in {step['seconds']} s (limit {step['limit']})" if "seconds" in step else ""
         lines += ["", f"## {step['name']}: {step['status']}{timing}", ""]
         lines += [f"**{step['error']}**", ""] if "error" in step else []
-        if step["name"] == "machine":
-            lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in figures.items()]
-        else:
-            lines += [f"- {k}: {json.dumps(v)}" for k, v in figures.items() if k != "commands"]
-        lines += ["", "```bash", *figures["commands"], "```"] if figures.get("commands") else []
+        figures = step.get("figures", {})
+        lines += [f"- {k}: {json.dumps(v)}" for k, v in figures.items() if k != "commands"]
+        lines += ["", "```bash", *figures["commands"], "```"] if "commands" in figures else []
     write_json(summary, os.path.join(out, "summary.json"))
     write_text("\n".join(lines) + "\n", os.path.join(out, "summary.md"))
 
@@ -247,35 +245,37 @@ def write_summary(summary, out):
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--out_dir", required=True, help="for summary.md, summary.json, the logs and the runs (required)")
+    g.add_argument("--out_dir", required=True,
+                   help="for summary.md, summary.json, the logs and the runs (required)")
+    g.add_argument("--thumbs", help="a COCO 2014 tree of photos (../shared/coco_thumbs); without "
+                                    "it, no photos step")
     g.add_argument("--device", default="cuda", help="the GPU (--cpu: the CPU)")
-    g.add_argument("--cpu", action="store_true", help="every step tiny, on the CPU: tests this script")
-    g.add_argument("--thumbs", help="a COCO 2014 tree of photos (../shared/coco_thumbs); without it, no photos step")
+    g.add_argument("--cpu", action="store_true", help="every step tiny, on the CPU (CI)")
     return p
 
 
 def main(args):
     run_start, out, mode = time.perf_counter(), args.out_dir, "cpu" if args.cpu else "gpu"
-    device, sizes, limits = pick_device("cpu" if args.cpu else args.device), SIZES[mode], LIMITS[mode]
-    steps = {"machine": lambda fig: machine(fig, device),
-             "bench_vs_cpu": lambda fig: bench_vs_cpu(fig, device, sizes["model"], sizes["bench"]),
-             "resume": lambda fig: resume(fig, out, device, sizes["options"], sizes["images"],
-                                          os.path.join(out, "resume.log")),
-             "photos": lambda fig: photos(fig, out, args.thumbs, device,
-                                          sizes["options"] + ["--epochs", "1"] * args.cpu,
-                                          os.path.join(out, "photos.log"))}
+    device, limits = pick_device("cpu" if args.cpu else args.device), LIMITS[mode]
+    model, options, shape, n_images = SIZES[mode]
+    photo_options = options + (["--epochs", "1"] if args.cpu else [])
+    steps = {"bench_vs_cpu": lambda fig: bench_vs_cpu(fig, device, model, shape),
+             "resume": lambda fig: resume(fig, out, device, options, n_images),
+             "photos": lambda fig: photos(fig, out, args.thumbs, device, photo_options)}
     summary = {"command": shlex.join(["python", *sys.argv]), "mode": mode,
-               "started": time.strftime("%Y-%m-%d %H:%M"), "seconds": 0, "finished": False, "steps": []}
+               "started": time.strftime("%Y-%m-%d %H:%M"), "seconds": 0, "finished": False,
+               "machine": machine(device), "steps": []}
     os.makedirs(out, exist_ok=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # Slurm's: the step is recorded, its child killed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the step recorded, its command killed
     signal.signal(signal.SIGALRM, time_out)
     for name, work in steps.items():
         if name == "photos" and not args.thumbs:
-            summary["steps"].append({"name": name, "status": "skipped (no --thumbs)"})
+            summary["steps"].append({"name": name, "status": SKIPPED})
             continue
         left = limits["total"] - (time.perf_counter() - run_start)
-        limit = max(1, int(min(limits.get(name, left), left)))
-        summary["steps"].append(step := {"name": name, "status": "running", "limit": limit, "figures": {}})
+        limit = max(1, int(min(limits.get(name, left), left)))  # alarm(0) would set none
+        step = {"name": name, "status": "running", "limit": limit, "figures": {}}
+        summary["steps"].append(step)
         write_summary(summary, out)  # a run cut off now shows this step running
         log.info("%s, at most %d s", name, limit)
         step_start = time.perf_counter()
@@ -295,8 +295,8 @@ def main(args):
             log.info("%s: %s in %.1f s", name, step["status"], step["seconds"])
     summary["finished"] = True
     write_summary(summary, out)
-    failed = [s["name"] for s in summary["steps"] if s["status"] not in ("ok", "skipped (no --thumbs)")]
-    log.info("%s: %s", os.path.join(out, "summary.md"), f"not ok: {', '.join(failed)}" if failed else "every step ok")
+    failed = [s["name"] for s in summary["steps"] if s["status"] not in ("ok", SKIPPED)]
+    log.info("%s: %s", os.path.join(out, "summary.md"), f"not ok: {failed}" if failed else "all ok")
     return 1 if failed else 0
 
 
