@@ -9,7 +9,8 @@ import torch
 import grading
 import hw5_main
 from Dataset import load_split_records
-from outputs import read_json, write_json
+from outputs import read_json, write_json, write_text
+from results import results_markdown
 from tiny import TINY_DEMO, hw5_args, linked_copy
 from utils import IMAGE_SIZE, box_iou_per_image, coco_results, confusion_matrix
 
@@ -75,6 +76,20 @@ def move_predicted_box(records):
     return records[0]["file_name"]
 
 
+def fake_a_near_tie(records):
+    """A wrong prediction made right, its probabilities made a near tie, as if it were one."""
+    r = next((r for r in records if r["label"] != r["pred_label"]), records[0])
+    wrong = r["pred_label"] if r["pred_label"] != r["label"] else (r["label"] + 1) % 3
+    r["pred_label"], r["scores"] = r["label"], [0.0] * 3
+    r["scores"][r["label"]], r["scores"][wrong] = 0.5004, 0.4996
+    return r["file_name"]
+
+
+def change_an_iou(records):
+    records[0]["iou"] = 0.99
+    return records[0]["file_name"]
+
+
 def add_another_splits_record(records):
     records.append({**records[0], "file_name": "COCO_val2014_999999999999.jpg"})
     return "COCO_val2014_999999999999.jpg"
@@ -89,6 +104,8 @@ TAMPERING = {
                           "more than one record"),
     "a record of another split": (add_another_splits_record, "are not in DATA's split"),
     "a predicted class changed": (change_predicted_class, "predicted as another class when evaluated again"),
+    "a wrong class made right, its probabilities a near tie": (fake_a_near_tie, "when evaluated again"),
+    "a recorded IoU changed": (change_an_iou, "whose recorded IoU is not its boxes'"),
     "a predicted box moved by 2 px": (move_predicted_box, "whose box moves by more than"),
 }
 
@@ -156,6 +173,37 @@ def test_the_validation_split_is_rebuilt_from_the_settings(tmp_path):
     assert problems_of(out) == []
     edit(records_of(out, "mse", "val"), lambda records: records.pop())
     assert any("MSE val: 1 image(s) of DATA's split have no record" in p for p in problems_of(out))
+
+
+@pytest.mark.slow
+def test_results_md_baselines_settings_and_the_best_epochs_numbers_are_checked(tiny_out, tmp_path):
+    def remade_md(results):  # a student keeping results.md in step with an edited results.json
+        write_text(results_markdown(results), os.path.join(out, "results.md"))
+
+    out = linked_copy(tiny_out, tmp_path / "md")
+    with open(os.path.join(out, "results.md")) as f:
+        md = f.read()
+    write_text(md.replace("| CIoU | test |", "| CIoU | test | 9", 1), os.path.join(out, "results.md"))
+    assert any("results.md is missing or not what its results.json gives" in p for p in problems_of(out))
+
+    out = linked_copy(tiny_out, tmp_path / "baseline")
+    remade_md(edit(os.path.join(out, "results.json"), lambda r: r["baseline"].update(test=0.1) or r))
+    assert any(f"{out}: test is 0.1 in results.json" in p for p in problems_of(out))
+
+    out = linked_copy(tiny_out, tmp_path / "settings")
+    remade_md(edit(os.path.join(out, "results.json"), lambda r: r["settings"].update(epochs=30) or r))
+    assert any("results.json's settings and ciou/history.json's differ in epochs" in p for p in problems_of(out))
+
+    out = linked_copy(tiny_out, tmp_path / "best")  # the best epoch's own numbers, not results.json's
+    best = read_json(os.path.join(out, "mse", "history.json"), "history")["best_epoch"]
+    edit(os.path.join(out, "mse", "history.json"), lambda h: h["test"]["mean_iou"].__setitem__(best - 1, 0.9))
+    assert any("MSE: results.json's test accuracy and mean IoU are not those history.json gives" in p
+               for p in problems_of(out))
+
+    out = linked_copy(tiny_out, tmp_path / "gone")  # a missing file is a problem found, not a stop
+    os.remove(os.path.join(out, "mse", "predictions_train.json"))
+    problems = problems_of(out)
+    assert any("MSE train: " in p and "predictions_train.json is missing" in p for p in problems), problems
 
 
 def test_the_tolerance_follows_how_the_run_computed():

@@ -14,7 +14,7 @@ import torch
 import cli
 import hw5_main
 from cli import UserError
-from outputs import read_json
+from outputs import read_json, write_json
 from tiny import ROOT, TINY_DEMO, hw5_args, linked_copy, without_timings
 
 parse = hw5_args
@@ -240,6 +240,18 @@ def test_seeds_run_the_experiment_per_seed_and_aggregate_their_spread(two_seeds,
     one = hw5_main.main(parse("--out_dir", out, "--seeds", "0", "--resume", *TINY_DEMO))
     assert one["seeds"] == [0] and "earlier_wall_seconds" not in one["settings"]
     assert one["aggregate"]["ciou"]["test"]["accuracy"]["mean"] == saved["per_seed"]["0"]["ciou"]["test"]["accuracy"]
+
+
+@pytest.mark.slow
+def test_the_check_of_a_seeds_run_checks_each_seed_and_their_spread(two_seeds, tmp_path):
+    import grading
+    out = linked_copy(two_seeds[0], tmp_path / "seeds")
+    report = grading.check(out)
+    assert report["problems"] == [] and report["evaluated"] == 4
+    results = read_json(os.path.join(out, "results.json"), "results")
+    results["aggregate"]["ciou"]["test"]["accuracy"]["mean"] += 0.1
+    write_json(results, os.path.join(out, "results.json"))
+    assert any("its spread over seeds is not the seeds' results'" in p for p in grading.check(out)["problems"])
 
 
 @pytest.mark.slow
