@@ -88,9 +88,14 @@ def install_advice(driver_cuda):
     fitting = [major for major in CUDA_WHEELS if major <= _major(driver_cuda)]
     if not fitting:
         return f"update the NVIDIA driver (torch>=2.4 needs one for CUDA {min(CUDA_WHEELS)} or newer)"
-    index, packages = CUDA_WHEELS[max(fitting)]
-    return (f"install the build for the driver, `pip install {packages} --index-url "
-            f"https://download.pytorch.org/whl/{index}` (docs/devices.md), or update the driver")
+    return f"install the build for the driver, `{reinstall(*CUDA_WHEELS[max(fitting)])}` (docs/devices.md), or update the driver"
+
+
+def reinstall(index, packages):
+    """The pip line that replaces the installed torch with the build of a PyTorch wheel index
+    (a plain install would find torch there already and keep it)."""
+    return (f"pip uninstall -y torch torchvision && pip install {packages} --index-url "
+            f"https://download.pytorch.org/whl/{index}")
 
 
 def unusable_gpu_message():
@@ -137,8 +142,8 @@ def missing_kernels_message(device):
             return None
     return (f"the GPU {torch.cuda.get_device_name(device)} (sm_{major}{minor}) has no kernels in "
             f"torch {torch.__version__}, built for CUDA {torch.version.cuda} with {' '.join(arch)}: "
-            f"install a build that has sm_{major}{minor}, e.g. `pip install torch torchvision "
-            f"--index-url https://download.pytorch.org/whl/cu126` (CUDA 12.6: sm_50 to sm_90)")
+            f"install a build that has sm_{major}{minor}, e.g. `{reinstall(*CUDA_WHEELS[12])}` (CUDA 12.6: "
+            f"sm_50 to sm_90)")
 
 
 def pick_device(name="auto"):

@@ -25,7 +25,7 @@ from network import build_model, count_parameters, model_summary
 from outputs import held_lock, read_json, write_json, write_text
 from grading import check, check_summary
 from results import (EXPERIMENT_SETTINGS, MODELS, REPORT, aggregate_results, aggregate_seed_folders, compare_models,
-                     draw_comparison, draw_curves, draw_split_figures, holds_a_run, keep_earlier_wall_seconds,
+                     draw_comparison, draw_curves, draw_split_figures, holds_an_experiment, keep_earlier_wall_seconds,
                      read_predictions, redraw, results_markdown, seed_runs, seeds_markdown)
 from synthetic.coco import make_synthetic_coco
 from train import (add_training_args, check_training_args, load_datasets, make_criteria, run_settings,
@@ -157,9 +157,9 @@ def check_layout(out_dir, held, seeds, resume):
     if held and not seeds:
         raise UserError(f"{out_dir} holds a --seeds run (seeds {' '.join(map(str, held))}): go on "
                         f"with it with --seeds and --resume, or choose another --out_dir")
-    if seeds and holds_a_run(out_dir):
+    if seeds and holds_an_experiment(out_dir):
         raise UserError(f"{out_dir} holds a single run (ciou/, mse/): give a --seeds run its own --out_dir")
-    if not resume and (held or holds_a_run(out_dir)):
+    if not resume and (held or holds_an_experiment(out_dir)):
         where = f" ({', '.join(f'seed{k}' for k in held)})" if held else ""
         raise UserError(f"{out_dir} already holds a run{where}; pass --resume to continue it, or "
                         f"choose another --out_dir")
@@ -205,7 +205,7 @@ def get_args_parser():
     p.set_defaults(seed=None, **{k: None for k in DEMO_TRAINING})
     for action in p._actions:
         if action.dest in DEMO_TRAINING:
-            shown = "off" if action.default is False else p.report_defaults[action.dest]
+            shown = "off" if p.report_defaults[action.dest] is False else p.report_defaults[action.dest]
             on_demo = "on" if DEMO_TRAINING[action.dest] is True else DEMO_TRAINING[action.dest]
             action.help += f" (default: {shown}, the report's; {on_demo} with --demo)"
         elif action.dest == "seed":

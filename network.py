@@ -105,10 +105,11 @@ def count_parameters(net):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Print HW5Net's model summary (report Fig. 5).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--width", type=int, default=ARCHITECTURE["width"], help="stem width")
-    p.add_argument("--n_blocks", type=int, default=ARCHITECTURE["n_blocks"], help="residual blocks")
+    p = argparse.ArgumentParser(description="Print HW5Net's model summary (report Fig. 5).")
+    p.add_argument("--width", type=int, default=ARCHITECTURE["width"],
+                   help=f"stem width (default: {ARCHITECTURE['width']})")
+    p.add_argument("--n_blocks", type=int, default=ARCHITECTURE["n_blocks"],
+                   help=f"residual blocks (default: {ARCHITECTURE['n_blocks']})")
     p.add_argument("--learnable_res", action="store_true", help="conv3x3-BN skips instead of identity")
     return p
 

@@ -61,7 +61,8 @@ DEMO_NOTE = ["Demo run on synthetic data (drawn buses, cats and pizzas). The rep
              "are for COCO 2014 and are shown for scale only.", ""]
 
 
-def holds_a_run(out_dir):
+def holds_an_experiment(out_dir):
+    """Whether an experiment folder holds a run of either model."""
     return any(RunFiles(os.path.join(out_dir, key)).holds_a_run() for key, _ in MODELS)
 
 
@@ -70,7 +71,7 @@ def seed_runs(out_dir):
     if not os.path.isdir(out_dir):
         return []
     return sorted(int(d[4:]) for d in os.listdir(out_dir)
-                  if re.fullmatch(r"seed(0|[1-9]\d*)", d) and holds_a_run(os.path.join(out_dir, d)))
+                  if re.fullmatch(r"seed(0|[1-9]\d*)", d) and holds_an_experiment(os.path.join(out_dir, d)))
 
 
 def run_dirs(out_dir):

@@ -197,7 +197,7 @@ def train_one_epoch(model, batches, optimizer, criterion_cls, criterion_box, dev
             box_loss.backward()
         skipped = guard.check(cross_entropy.detach() + box_loss.detach())
         if guard.allows_step():
-            optimizer.step()  # fused Adam holds `skipped` as its found_inf: a skipped step changes nothing
+            optimizer.step()  # fused Adam holds `skipped` as found_inf: the weights and Adam stay as they were
         with torch.no_grad():
             running.add(cross_entropy, box_loss, (logits.argmax(1) == labels).sum(),
                         box_iou_per_image(pred_boxes, boxes).sum(), labels.shape[0], skipped)
@@ -266,15 +266,15 @@ def train(model, train_set, test_set, out_dir, args, device, val_set=None, progr
                     writer.keep_best(model)
                 log_epoch(history, epoch, args.epochs)
                 last = epoch == args.epochs
-                if (not last and (writer.due(args.checkpoint_minutes) or Sigterm.received)
-                        or last and args.keep_checkpoint):
+                stopping = Sigterm.received and not last  # read once: a later SIGTERM waits an epoch
+                if stopping or (not last and writer.due(args.checkpoint_minutes)) or (last and args.keep_checkpoint):
                     history["save_seconds"] += writer.wait()
                     writer.checkpoint(epoch, checkpoint_state(model, optimizer, epoch, history, generator,
                                                               device, settings))
-                if Sigterm.received and not last:
+                if stopping:
                     history["save_seconds"] += writer.wait()  # the checkpoint is on disk
                 write_json(history, files.history)
-                if not last:
+                if stopping:
                     Sigterm.stop_here(f"after epoch {epoch} of {args.epochs} in {out_dir}, with a checkpoint")
             history["save_seconds"] += writer.close(args.epochs)
         history["finished"] = True

@@ -138,8 +138,8 @@ def evaluation(model, loader, criterion_cls, criterion_box, device, order=True, 
     parts = {k: [] for k in ("label", "pred_label", "scores", "box", "pred_box", "iou")}
     n = 0
     # Channels-last input: oneDNN's convolutions run faster on the CPU (same results up to
-    # float rounding); MPS has no channels-last kernels for all of them.
-    memory_format = torch.contiguous_format if device.type == "mps" else torch.channels_last
+    # float rounding); on a GPU, the layout training uses.
+    memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     with torch.no_grad():
         for batch in loader:
             images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)

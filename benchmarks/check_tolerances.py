@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoints import load_checkpoint  # noqa: E402
+from cli import HelpFormatter  # noqa: E402
 from Dataset import MyCOCODataset  # noqa: E402
 from devices import DeviceBatches  # noqa: E402
 from network import build_model  # noqa: E402
@@ -51,17 +52,18 @@ def predict(model, dataset, batch_size, amp=False, order=True):
 def compare(name, reference, other):
     (scores, boxes), (scores2, boxes2) = reference, other
     pixels = (boxes - boxes2).abs().amax(1)
+    probabilities = (scores - scores2).abs().amax(1)
     flipped = scores.argmax(1) != scores2.argmax(1)
     top2 = scores.topk(2, dim=1).values
     margin = (top2[:, 0] - top2[:, 1])[flipped]
     print(f"  {name:24s} largest box difference {pixels.max():.4f} px (99.9th percentile "
-          f"{pixels.quantile(0.999):.4f}); {int(flipped.sum())} class(es) changed"
+          f"{pixels.quantile(0.999):.4f}), largest probability difference {probabilities.max():.2e}; "
+          f"{int(flipped.sum())} class(es) changed"
           + (f", largest top-two margin among them {margin.max():.2e}" if flipped.any() else ""))
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--out_dir", required=True, help="a finished hw5_main.py run, its DATA in place (required)")
     p.add_argument("--data_dir", help="its DATA, when not where the run's settings say")
     return p

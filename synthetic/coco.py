@@ -379,7 +379,7 @@ def slice_of_coco(src, dst, n_images):
         with open(os.path.join(src, "annotations", f"instances_{split}2014.json")) as f:
             coco = json.load(f)
         images = sorted(coco["images"], key=lambda im: im["id"])
-        images = images[::len(images) // n][:n]
+        images = images[::max(1, len(images) // n)][:n]
         ids = {im["id"] for im in images}
         coco.update(images=images, annotations=[a for a in coco["annotations"] if a["image_id"] in ids])
         os.makedirs(os.path.join(dst, "annotations"), exist_ok=True)

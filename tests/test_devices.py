@@ -104,11 +104,15 @@ def test_a_driver_of_the_builds_cuda_major_version_is_not_blamed(no_gpu, nvidia_
         f"the CPU, pass --device cpu")
 
 
+REINSTALL = "`pip uninstall -y torch torchvision && pip install "
+INDEX = " --index-url https://download.pytorch.org/whl/"
+
+
 @pytest.mark.parametrize("driver_cuda, built, advice", [
-    ("11.8", "13.0", '`pip install "torch<2.8" "torchvision<0.23" --index-url https://download.pytorch.org/whl/cu118`'),
-    ("11.4", "12.6", '`pip install "torch<2.8" "torchvision<0.23" --index-url https://download.pytorch.org/whl/cu118`'),
-    ("12.2", "13.0", "`pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126`"),
-    ("13.0", "14.0", "`pip install torch torchvision --index-url https://download.pytorch.org/whl/cu130`"),
+    ("11.8", "13.0", REINSTALL + '"torch<2.8" "torchvision<0.23"' + INDEX + "cu118`"),
+    ("11.4", "12.6", REINSTALL + '"torch<2.8" "torchvision<0.23"' + INDEX + "cu118`"),
+    ("12.2", "13.0", REINSTALL + "torch torchvision" + INDEX + "cu126`"),
+    ("13.0", "14.0", REINSTALL + "torch torchvision" + INDEX + "cu130`"),
     ("10.2", "12.6", "update the NVIDIA driver (torch>=2.4 needs one for CUDA 11 or newer)"),
 ])
 def test_the_advice_is_the_wheel_index_for_the_drivers_cuda_major_version(no_gpu, nvidia_smi, monkeypatch,
