@@ -32,7 +32,6 @@ def test_cpu_mode_runs_every_step_and_records_its_figures(tmp_path):
     assert [(name, step["status"]) for name, step in steps.items()] == [
         ("bench_vs_cpu", "ok"), ("resume", "ok"), ("photos", "skipped (no --thumbs)")]
     assert summary["finished"] and summary["machine"]["torch"]
-    assert summary["machine"]["missing"] == []  # CI installs every package the scripts import
     bench = steps["bench_vs_cpu"]["figures"]
     assert all(bench[k]["ms a step"] > 0 and bench[k]["peak GiB"] > 0 for k in first_run.BENCH)
     assert len(bench["losses on the CPU"]) == 6
@@ -41,7 +40,7 @@ def test_cpu_mode_runs_every_step_and_records_its_figures(tmp_path):
     assert bench["passed"] and bench["first gradients, relative difference"] == 0
     assert bench["largest relative loss difference"] == 0 == bench["largest weight difference"]
     resume = steps["resume"]["figures"]
-    assert resume["passed"] and resume["largest difference"] == 0
+    assert resume["passed"] and resume["same history"]
     assert resume["resumed after epoch"] in (1, 2)
     assert len(resume["commands"]) == 3 and resume["commands"][1].endswith("--resume")
     markdown = (tmp_path / "summary.md").read_text()
@@ -90,10 +89,7 @@ def test_history_comparison_leaves_out_only_timings_and_settings():
          "epoch_seconds": [1.0, 2.0], "save_seconds": [{"seconds": 3.0}],
          "settings": {"resume": False}}
     b = {**a, "epoch_seconds": [9.0, 9.0], "save_seconds": [], "settings": {"resume": True}}
-    assert first_run.largest_difference(a, b) == 0
-    changed = {**b, "train": {"accuracy": [0.5, 0.76]}}
-    assert first_run.largest_difference(a, changed) == pytest.approx(0.01)
-    assert first_run.largest_difference(a, {**b, "best_epoch": 1}) == 1
-    for other in ({"loss": "MSE"}, {"train": {"accuracy": [0.5]}}, {"skipped_steps": [0]},
-                  {"best_epoch": None}):
-        assert first_run.largest_difference(a, {**b, **other}) == math.inf, other
+    assert first_run.without_timings(a) == first_run.without_timings(b)
+    for other in ({"train": {"accuracy": [0.5, 0.76]}}, {"best_epoch": 1}, {"loss": "MSE"},
+                  {"train": {"accuracy": [0.5]}}, {"skipped_steps": [0]}):
+        assert first_run.without_timings(a) != first_run.without_timings({**b, **other}), other
