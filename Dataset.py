@@ -436,6 +436,17 @@ class MyCOCODataset(torch.utils.data.Dataset):
                 "bbox": self.boxes[index]}
 
 
+def load_splits(data_dir, val_fraction=0.0, progress=False):
+    """(train, test, val or None) of DATA; with val_fraction, hold_out's part of the training
+    set is the validation split (one decode: both parts index its images)."""
+    train_set = MyCOCODataset(data_dir, train=True, progress=progress)
+    val_set = None
+    if val_fraction:
+        train_files, val_files = hold_out(train_set.files, val_fraction)
+        train_set, val_set = train_set.subset(train_files), train_set.subset(val_files)
+    return train_set, MyCOCODataset(data_dir, train=False, progress=progress), val_set
+
+
 # ---------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------

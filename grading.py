@@ -13,12 +13,12 @@ import torch
 
 from checkpoints import RunFiles, load_checkpoint, load_model_state
 from cli import UserError
-from Dataset import MyCOCODataset, hold_out, load_split_records
+from Dataset import load_splits
 from devices import DeviceBatches, set_gpu_options
 from network import build_model
 from outputs import read_json
 from results import (MODELS, REPORT, REPORT_SETTINGS, SPLITS, aggregate_results, compare_models,
-                     find_data_dir, read_predictions, results_markdown, run_dirs, seed_runs, seeds_markdown)
+                     find_data_dir, read_predictions, results_markdown, run_dirs, seed_runs)
 from train import METRICS, selection_score
 from utils import (IMAGE_SIZE, box_iou_per_image, coco_ground_truth, coco_metrics, coco_results,
                    confusion_matrix, evaluation, mean_box_baseline, predictions_from_records)
@@ -40,15 +40,6 @@ def precision(settings):
         return "bfloat16"
     on_cuda = settings["device"].startswith("cuda")
     return "tf32" if on_cuda and (settings["tf32"] or not settings["strict_fp32"]) else "float32"
-
-
-def split_files(data_dir, settings):
-    """Each split's files, rebuilt from DATA and the run's settings (--val_fraction's part)."""
-    splits = {"train": sorted(load_split_records(data_dir, train=True)[0]),
-              "test": sorted(load_split_records(data_dir, train=False)[0])}
-    if settings["val_fraction"]:
-        splits["train"], splits["val"] = hold_out(splits["train"], settings["val_fraction"])
-    return splits
 
 
 def named(files, what):
@@ -132,15 +123,14 @@ def check_again(model, records, dataset, tolerance, raw_boxes, device, where, pr
                 f"whose box moves by more than {pixels} px when evaluated again", where, problems)
 
 
-def check_split(run_dir, key, split, expected, data, datasets, saved, model, tolerance, raw_boxes, device,
-                where, problems):
-    """One model's records of one split, against DATA and, where it is there, the model.
-    Returns the records, in DATA's order."""
+def check_split(run_dir, key, split, data, saved, model, tolerance, raw_boxes, device, where, problems):
+    """One model's records of one split (data: DATA's), against DATA and, where it is there,
+    the model. Returns the records, in DATA's order."""
     records = read_predictions(run_dir, key, split)
-    check_coverage(records, expected, where, problems)
+    check_coverage(records, data.files, where, problems)
     by_file = {r["file_name"]: r for r in records}
-    records = [by_file[f] for f in expected if f in by_file]
-    dataset = datasets[data, split].subset([r["file_name"] for r in records])
+    records = [by_file[f] for f in data.files if f in by_file]
+    dataset = data.subset([r["file_name"] for r in records])
     check_records(records, dataset, saved, where, problems)
     check_detections(records, dataset, os.path.join(run_dir, key, f"coco_results_{split}.json"), where,
                      saved, problems)
@@ -178,20 +168,13 @@ def check_history(history, saved, where, problems):
                         f"gives for its best epoch {best}: best_model.pt is not that epoch's model")
 
 
-def check_experiment(run_dir, results, records, datasets, problems):
-    """The settings of results.json and of each history.json agree; the mean-box baselines,
-    the image-by-image comparison and results.md are what DATA, the records and results.json give."""
-    settings = results["settings"]
-    for key, name in MODELS:
-        trained = RunFiles(os.path.join(run_dir, key)).read_history()["settings"]
-        differ = [k for k in REPORT_SETTINGS if settings.get(k) != trained.get(k)]
-        if differ:
-            problems.append(f"{run_dir}: results.json's settings and {key}/history.json's differ in {', '.join(differ)}")
-    train_boxes = datasets["train"].boxes
-    compare(run_dir, results["baseline"], {split: mean_box_baseline(train_boxes, datasets[split].boxes)
+def check_experiment(run_dir, results, records, splits, problems):
+    """The mean-box baselines, the image-by-image comparison and results.md are what DATA,
+    the records and results.json give."""
+    compare(run_dir, results["baseline"], {split: mean_box_baseline(splits["train"].boxes, splits[split].boxes)
                                            for split in ("train", "test")}, 1e-9, problems)
     for split in ("train", "test"):  # where both models' records cover the split (else named already)
-        if all(len(records.get((key, split), ())) == len(datasets[split]) for key, _ in MODELS):
+        if all(len(records.get((key, split), ())) == len(splits[split]) for key, _ in MODELS):
             compare(f"{run_dir} comparison {split}", results["comparison"][split],
                     compare_models(*(records[key, split] for key, _ in MODELS)), 1e-9, problems)
     check_markdown(os.path.join(run_dir, "results.md"), results_markdown(results), problems)
@@ -218,12 +201,20 @@ def check_seeds(out_dir, problems):
     again = aggregate_results(per_seed, top["settings"]["wall_seconds"])
     if again["aggregate"] != top["aggregate"]:
         problems.append(f"{out_dir}/results.json: its spread over seeds is not the seeds' results'")
-    check_markdown(os.path.join(out_dir, "results.md"), seeds_markdown(top), problems)
+    check_markdown(os.path.join(out_dir, "results.md"), results_markdown(top), problems)
 
 
 # ---------------------------------------------------------------------------------
 # The check of an OUT
 # ---------------------------------------------------------------------------------
+def described(error):
+    """A file missing or unreadable (UserError), or edited out of shape, as a problem's text."""
+    return str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+
+
+MALFORMED = (UserError, KeyError, TypeError, ValueError, IndexError)
+
+
 def check(out_dir, data_dir=None, device=torch.device("cpu")):
     """The check of every model and split of OUT. Returns {"lines": a line per split with the
     report's numbers beside the run's, "problems", "evaluated", "models"}."""
@@ -231,17 +222,16 @@ def check(out_dir, data_dir=None, device=torch.device("cpu")):
         raise UserError(f"--out_dir {out_dir}: no such directory (an OUT that hw5_main.py wrote)")
     set_gpu_options(strict_fp32=True)  # the reference: float32 without TF32
     report = {"lines": [], "problems": [], "evaluated": 0, "models": 0}
-    problems = report["problems"]
     for run_dir in run_dirs(out_dir):
         try:
             check_run(run_dir, data_dir, device, report)
-        except (UserError, KeyError, TypeError, ValueError, IndexError) as e:  # a file missing or out of shape
-            problems.append(f"{run_dir}: {e if isinstance(e, UserError) else f'{type(e).__name__}: {e}'}")
+        except MALFORMED as e:
+            report["problems"].append(f"{run_dir}: {described(e)}")
     if seed_runs(out_dir):
         try:
-            check_seeds(out_dir, problems)
-        except (UserError, KeyError, TypeError, ValueError) as e:
-            problems.append(f"{out_dir}: {e if isinstance(e, UserError) else f'{type(e).__name__}: {e}'}")
+            check_seeds(out_dir, report["problems"])
+        except MALFORMED as e:
+            report["problems"].append(f"{out_dir}: {described(e)}")
     return report
 
 
@@ -250,17 +240,19 @@ def check_run(run_dir, data_dir, device, report):
     problems = report["problems"]
     results = read_json(os.path.join(run_dir, "results.json"), "the results.json of a finished run")
     tolerance = TOLERANCES[precision(results["settings"])]
-    records, datasets = {}, {}
+    records, loaded = {}, {}
     for key, name in MODELS:
         files = RunFiles(os.path.join(run_dir, key))
         history = files.read_history()
         settings = history["settings"]
+        differ = [k for k in REPORT_SETTINGS if results["settings"].get(k) != settings.get(k)]
+        if differ:
+            problems.append(f"{run_dir}: results.json's settings and {key}/history.json's differ in {', '.join(differ)}")
         data = find_data_dir(run_dir, data_dir, settings["data_dir"])
-        splits = split_files(data, settings)
-        for split, files_of_split in splits.items():
-            if (data, split) not in datasets:  # decoded once for both models
-                datasets[data, split] = datasets[split] = MyCOCODataset(data, train=split != "test",
-                                                                        files=files_of_split)
+        if (data, settings["val_fraction"]) not in loaded:  # decoded once for both models
+            loaded[data, settings["val_fraction"]] = dict(zip(("train", "test", "val"),
+                                                              load_splits(data, settings["val_fraction"])))
+        splits = loaded[data, settings["val_fraction"]]
         check_history(history, results[key], f"{run_dir} {name}", problems)
         report["models"] += 1
         model = None
@@ -274,14 +266,13 @@ def check_run(run_dir, data_dir, device, report):
         for split in [s for s in SPLITS if s in results[key]]:
             where = f"{run_dir} {name} {split}"
             try:
-                records[key, split] = check_split(run_dir, key, split, splits[split], data, datasets,
-                                                  results[key][split], model, tolerance, settings["raw_boxes"],
-                                                  device, where, problems)
-            except (UserError, KeyError, TypeError, ValueError, IndexError) as e:  # a file missing or edited
-                problems.append(f"{where}: {e if isinstance(e, UserError) else f'{type(e).__name__}: {e}'}")
+                records[key, split] = check_split(run_dir, key, split, splits[split], results[key][split], model,
+                                                  tolerance, settings["raw_boxes"], device, where, problems)
+            except MALFORMED as e:
+                problems.append(f"{where}: {described(e)}")
             report["lines"].append(summary_line(where, results[key][split], REPORT[key].get(split),
                                                 len(splits[split]), model is not None and tolerance))
-    check_experiment(run_dir, results, records, datasets, problems)
+    check_experiment(run_dir, results, records, splits, problems)
 
 
 def summary_line(where, saved, report, n_images, tolerance):

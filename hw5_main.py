@@ -19,16 +19,16 @@ import torch
 
 from checkpoints import RunFiles, load_checkpoint, load_model_state
 from cli import HelpFormatter, Sigterm, UserError, command, out_dir_problem
-from Dataset import build_dataset, plot_images
+from Dataset import build_dataset, load_splits
 from devices import DeviceBatches, pick_device, usable_cpus
 from network import build_model, count_parameters, model_summary
 from outputs import held_lock, read_json, write_json, write_text
 from grading import check, check_summary
 from results import (EXPERIMENT_SETTINGS, MODELS, REPORT, aggregate_results, aggregate_seed_folders, compare_models,
-                     draw_comparison, draw_curves, draw_split_figures, holds_an_experiment, keep_earlier_wall_seconds,
-                     read_predictions, redraw, results_markdown, seed_runs, seeds_markdown)
+                     draw_figures, holds_an_experiment, keep_earlier_wall_seconds, redraw, results_markdown,
+                     seed_runs)
 from synthetic.coco import make_synthetic_coco
-from train import (add_training_args, check_training_args, load_datasets, make_criteria, run_settings,
+from train import (add_training_args, check_training_args, make_criteria, run_settings,
                    seed_everything, train)
 from utils import coco_ground_truth, coco_metrics, coco_results, evaluation, mean_box_baseline, prediction_records
 
@@ -71,7 +71,7 @@ def draw_demo_data(out_dir, drawn, progress):
 def run_model(key, loss_name, datasets, out_dir, args, device):
     """Train the `key` model into OUT/key, reload its best state and evaluate it on every
     split: metrics, OUT/key/predictions_{split}.json and coco_results_{split}.json, COCO's
-    metrics and the figures. Returns (results per split, history)."""
+    metrics. Returns (results per split, history, prediction records per split)."""
     train_set, test_set, val_set = datasets
     run_dir = os.path.join(out_dir, key)
     args = argparse.Namespace(**{**vars(args), "loss": key})
@@ -95,16 +95,11 @@ def run_model(key, loss_name, datasets, out_dir, args, device):
         write_json(detections, os.path.join(run_dir, f"coco_results_{split}.json"))
         results[split] = {**res, "confusion_matrix": cm.tolist(),
                           "coco": coco_metrics(coco_ground_truth(data.files, data.data), detections)}
-    log.info("%s model: drawing its figures", loss_name)
-    for split, data in (("train", train_set), ("test", test_set)):
-        draw_split_figures(out_dir, key, loss_name, split, data.images, records[split], results[split],
-                           history["best_epoch"], args.seed)
-    draw_curves(out_dir, key, loss_name, history)
     log.info("%s model (best epoch %s): train accuracy %.3f mIoU %.3f | test accuracy %.3f mIoU %.3f",
              loss_name, history["best_epoch"], results["train"]["accuracy"],
              results["train"]["mean_iou"], results["test"]["accuracy"], results["test"]["mean_iou"])
     Sigterm.stop_here(f"after evaluating the {loss_name} model")
-    return results, history
+    return results, history, records
 
 
 def run_experiment(args, out_dir, datasets, device, t_start):
@@ -116,36 +111,37 @@ def run_experiment(args, out_dir, datasets, device, t_start):
     write_text(model_summary(net), os.path.join(out_dir, "model_sum.txt"))
     n_layers, n_params = count_parameters(net)
     del net
-    plot_images(args.data_dir, os.path.join(out_dir, "sample_images.png"))  # Fig. 2, beside the others
     results = {"baseline": {split: mean_box_baseline(train_set.boxes, data.boxes)
                             for split, data in (("train", train_set), ("test", test_set))}}
     log.info("mean-box baseline (the training set's mean box for every image): mean IoU train %.3f, "
              "test %.3f", results["baseline"]["train"], results["baseline"]["test"])
+    histories, records = {}, {}
     for key, loss_name in MODELS:
-        res, history = run_model(key, loss_name, datasets, out_dir, args, device)
-        saves = history["save_seconds"]  # summed over the whole run, a resumed one included
+        res, histories[key], split_records = run_model(key, loss_name, datasets, out_dir, args, device)
+        records.update({(key, split): r for split, r in split_records.items()})
+        history, saves = histories[key], histories[key]["save_seconds"]  # over the whole run, resumes too
         results[key] = {**res, "best_epoch": history["best_epoch"], "best_score": history["best_score"],
                         "select_on": history["select_on"], "epochs_trained": len(history["epoch_seconds"]),
                         "skipped_steps": sum(history["skipped_steps"]),
                         "train_seconds": round(sum(history["epoch_seconds"]), 1),
                         "save_seconds": round(sum(w["seconds"] for w in saves), 1),
                         "files_written": len(saves)}
-    log.info("comparing the two models image by image and writing %s", os.path.join(out_dir, "results.md"))
-    results["comparison"] = {}
-    for split, data in (("train", train_set), ("test", test_set)):  # from the saved predictions
-        ciou, mse = (read_predictions(out_dir, key, split) for key, _ in MODELS)
-        results["comparison"][split] = compare_models(ciou, mse)
-        draw_comparison(out_dir, split, data.images, ciou, mse, args.seed)
+    results["comparison"] = {split: compare_models(records["ciou", split], records["mse", split])
+                             for split in ("train", "test")}
     results["report"] = REPORT
     settings = {k: v for k, v in run_settings(args, device).items() if k in EXPERIMENT_SETTINGS}
     settings.update(n_train=len(train_set), n_test=len(test_set), n_val=len(val_set) if val_set else 0,
-             parameters=n_params, parameter_tensors=n_layers, torch=torch.__version__,
-             python=platform.python_version(), wall_seconds=round(time.perf_counter() - t_start, 1))
+                    parameters=n_params, parameter_tensors=n_layers, torch=torch.__version__,
+                    python=platform.python_version())
     if args.demo:
         settings.update(n_synthetic_train=args.n_train, n_synthetic_val=args.n_val, synthetic_seed=args.synthetic_seed)
+    results["settings"] = settings
+    log.info("drawing the figures and writing %s", os.path.join(out_dir, "results.md"))
+    draw_figures(out_dir, results, histories, records, {"train": train_set.images, "test": test_set.images},
+                 args.data_dir)
+    settings["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     if args.resume:  # a finished run evaluated again: the first command's time is kept
         keep_earlier_wall_seconds(settings, os.path.join(out_dir, "results.json"))
-    results["settings"] = settings
     write_json(results, os.path.join(out_dir, "results.json"))
     write_text(results_markdown(results), os.path.join(out_dir, "results.md"))
     return results
@@ -250,7 +246,7 @@ def main(args):
         return drawn
     if args.aggregate:
         results = aggregate_seed_folders(args.out_dir, args.seeds)
-        print(seeds_markdown(results))
+        print(results_markdown(results))
         return results
     if args.check:
         report = check(args.out_dir, args.data_dir, pick_device(args.device))
@@ -277,7 +273,7 @@ def main(args):
     # Loaded once for every seed (with --val_fraction, held out with the first seed): the
     # seeds vary training only. Bad data stops here, before OUT is made.
     log.info("loading the data in %s", args.data_dir)
-    datasets = load_datasets(args, progress=not args.quiet)
+    datasets = load_splits(args.data_dir, args.val_fraction, progress=not args.quiet)
     check_training_args(args, device, len(datasets[0]))
     Sigterm.stop_here("after loading the data")
     per_seed = {}
@@ -294,7 +290,7 @@ def main(args):
         results = aggregate_results(per_seed, round(time.perf_counter() - t_start, 1))
         if args.resume:
             keep_earlier_wall_seconds(results["settings"], os.path.join(out_dir, "results.json"))
-        markdown = seeds_markdown(results)
+        markdown = results_markdown(results)
         write_json(results, os.path.join(out_dir, "results.json"))
         write_text(markdown, os.path.join(out_dir, "results.md"))
     else:

@@ -39,22 +39,22 @@ WHY_IT_DIFFERS = {
     "amp": "bfloat16 autocast", "tf32": "TF32 matrix products on CUDA",
     "strict_fp32": "no TF32 on CUDA, convolutions included",
 }
-# Which file is which figure of the report (Section 4; Fig. 20 is the CIoU model's curves only).
-FIGURES = (("Fig. 2: sample images of each class, training data", ["sample_images.png"]),
-           ("Fig. 14: confusion matrices over the train data, (a) CIoU model, (b) MSE model",
+# Which file is which figure of the report, Section 4 (Fig. 20 is the CIoU model's curves
+# only); two files of one figure are its (a) and (b).
+FIGURES = (("2", "sample images of each class, training data", ["sample_images.png"]),
+           ("14", "confusion matrices over the train data, (a) CIoU model, (b) MSE model",
             ["ciou_train_cm.png", "mse_train_cm.png"]),
-           ("Fig. 15: the CIoU model's predictions on train data", ["ciou_train_preds.png"]),
-           ("Fig. 16: the MSE model's predictions on train data", ["mse_train_preds.png"]),
-           ("Fig. 17: confusion matrices over the test data, (a) CIoU model, (b) MSE model",
+           ("15", "the CIoU model's predictions on train data", ["ciou_train_preds.png"]),
+           ("16", "the MSE model's predictions on train data", ["mse_train_preds.png"]),
+           ("17", "confusion matrices over the test data, (a) CIoU model, (b) MSE model",
             ["ciou_test_cm.png", "mse_test_cm.png"]),
-           ("Fig. 18: the CIoU model's predictions on test data", ["ciou_test_preds.png"]),
-           ("Fig. 19: the MSE model's predictions on test data", ["mse_test_preds.png"]),
-           ("Fig. 20: training curves of the CIoU model", ["ciou_curves.png"]),
-           ("Not in the report: the MSE model's curves, and both models' boxes image by image (Section "
-            "4.2's comparison)", ["mse_curves.png", "ciou_vs_mse_train.png", "ciou_vs_mse_test.png"]))
-REPORT_FIGURES = {"ciou_train_cm": "14(a)", "mse_train_cm": "14(b)", "ciou_test_cm": "17(a)",
-                  "mse_test_cm": "17(b)", "ciou_train_preds": "15", "mse_train_preds": "16",
-                  "ciou_test_preds": "18", "mse_test_preds": "19", "ciou_curves": "20"}
+           ("18", "the CIoU model's predictions on test data", ["ciou_test_preds.png"]),
+           ("19", "the MSE model's predictions on test data", ["mse_test_preds.png"]),
+           ("20", "training curves of the CIoU model", ["ciou_curves.png"]),
+           (None, "the MSE model's curves, and both models' boxes image by image (Section 4.2's comparison)",
+            ["mse_curves.png", "ciou_vs_mse_train.png", "ciou_vs_mse_test.png"]))
+REPORT_FIGURES = {file: number + ("(a)", "(b)")[i] if len(files) == 2 else number
+                  for number, _, files in FIGURES if number for i, file in enumerate(files)}
 # What results.json keeps of a run's settings (train.run_settings), and what results.md lists.
 EXPERIMENT_SETTINGS = ("demo", "device", "data_dir", *REPORT_SETTINGS, "eval_batch_size")
 DEMO_NOTE = ["Demo run on synthetic data (drawn buses, cats and pizzas). The report's numbers "
@@ -134,8 +134,9 @@ def differing_settings(settings):
 def figure_lines():
     lines = ["## Figures, as the report numbers them", "",
              "Fig. 5 and the layer table: [model_sum.txt](model_sum.txt).", ""]
-    for title, files in FIGURES:
-        lines += [f"### {title}", "", " ".join(f"![{f}]({f})" for f in files), ""]
+    for number, title, files in FIGURES:
+        lines += [f"### {f'Fig. {number}' if number else 'Not in the report'}: {title}", "",
+                  " ".join(f"![{f}]({f})" for f in files), ""]
     return lines
 
 
@@ -185,21 +186,35 @@ def comparison_lines(comparison):
     return lines + [""]
 
 
+def cell(value, scale, digits, unit=""):
+    """A number for results.md, or over seeds its spread: mean ± std (min to max)."""
+    def number(x):
+        return f"{scale * x:.{digits}f}"
+    if isinstance(value, dict):
+        return f"{number(value['mean'])}{unit} ± {number(value['std'])} ({number(value['min'])} to {number(value['max'])})"
+    return f"{number(value)}{unit}"
+
+
 def results_markdown(results):
-    """results.md of one run: its numbers beside the report's, the verdicts, what differs
-    from the report, the COCO metrics, the figures and the settings."""
-    settings = results["settings"]
-    coco_lines, coco = coco_markdown({key: {split: results[key][split]["coco"] for split in SPLITS
-                                            if split in results[key]} for key, _ in MODELS})
-    rows = {(key, split): (f"{100 * results[key][split]['accuracy']:.1f}%", f"{results[key][split]['mean_iou']:.3f}")
+    """results.md: the numbers beside the report's, the verdicts, what differs from the report,
+    the COCO metrics, then a run's figures, or a --seeds run's seeds, and the run."""
+    settings, seeds = results["settings"], results.get("seeds")
+    numbers = results["aggregate"] if seeds else results  # over seeds, the spread of each number
+    coco_lines, coco = coco_markdown({key: {split: numbers[key][split]["coco"] for split in SPLITS
+                                            if split in numbers[key]} for key, _ in MODELS})
+    rows = {(key, split): (cell(numbers[key][split]["accuracy"], 100, 1, "%"), cell(numbers[key][split]["mean_iou"], 1, 3))
             for key, _ in MODELS for split in ("train", "test")}
-    lines = ["# HW5Net: CIoU vs MSE box loss", ""] + (DEMO_NOTE if settings["demo"] else [])
+    lines = ["# HW5Net: CIoU vs MSE box loss" + (", over seeds " + ", ".join(map(str, seeds)) if seeds else ""), ""]
+    lines += DEMO_NOTE if settings["demo"] else []
+    lines += ([f"Mean ± sample std (min to max) over {len(seeds)} training seeds; the data is the same for every "
+               f"seed.", ""] if seeds else [])
     lines += ["The report's Section 4 numbers (its prose: the report has no results table) beside this "
               "run's, with the mean-box baseline: the training set's mean box given to every image.", ""]
     lines += numbers_table(rows, results["baseline"], coco)
-    lines += verdict_lines({key: results[key]["test"] for key, _ in MODELS})
-    lines += comparison_lines(results["comparison"])
-    for key, name in MODELS:
+    lines += verdict_lines({key: {m: mean(numbers[key]["test"][m]) for m in ("accuracy", "mean_iou")}
+                            for key, _ in MODELS})
+    lines += comparison_lines(numbers["comparison"])
+    for key, name in [] if seeds else MODELS:
         r = results[key]
         skipped = (f"; {r['skipped_steps']} training steps skipped for a non-finite loss or "
                    f"gradient" if r["skipped_steps"] else "")
@@ -208,9 +223,23 @@ def results_markdown(results):
                      f"evaluation), {r['save_seconds']:.1f} s writing files ({r['files_written']}: "
                      f"checkpoints and the best model){skipped}")
     lines += ["", "## Settings that differ from the report's", ""] + differing_settings(settings) + [""]
-    lines += coco_lines + figure_lines()
-    lines += run_lines(settings)
-    return "\n".join(lines) + "\n"
+    lines += coco_lines + (seed_lines(results) if seeds else figure_lines())
+    return "\n".join(lines + run_lines(settings)) + "\n"
+
+
+def seed_lines(results):
+    """Each seed's numbers, and where its run is."""
+    lines = ["## Each seed", "",
+             "| seed | model | best epoch | train accuracy | train mean IoU | test accuracy | test mean IoU |",
+             "|---|---|---|---|---|---|---|"]
+    for seed in results["seeds"]:
+        for key, name in MODELS:
+            r = results["per_seed"][str(seed)][key]
+            lines.append(f"| {seed} | {name} | {r['best_epoch']} of {r['epochs_trained']} | "
+                         f"{100 * r['train']['accuracy']:.1f}% | {r['train']['mean_iou']:.3f} | "
+                         f"{100 * r['test']['accuracy']:.1f}% | {r['test']['mean_iou']:.3f} |")
+    return lines + ["", "Each seed's run, figures and results: "
+                    + ", ".join(f"[seed{k}/results.md](seed{k}/results.md)" for k in results["seeds"]) + ".", ""]
 
 
 # ---------------------------------------------------------------------------------
@@ -280,46 +309,8 @@ def aggregate_seed_folders(out_dir, seeds=None):
     per_seed = {k: read_json(path, "the results.json of hw5_main.py") for k, path in paths.items()}
     results = aggregate_results(per_seed, round(sum(r["settings"]["wall_seconds"] for r in per_seed.values()), 1))
     write_json(results, os.path.join(out_dir, "results.json"))
-    write_text(seeds_markdown(results), os.path.join(out_dir, "results.md"))
+    write_text(results_markdown(results), os.path.join(out_dir, "results.md"))
     return results
-
-
-def seeds_markdown(results):
-    """OUT/results.md of a --seeds run: mean ± std (min to max) per model and split beside
-    the report's numbers, the verdicts on the means, then a row per seed."""
-    settings, seeds, agg = results["settings"], results["seeds"], results["aggregate"]
-    lines = ["# HW5Net: CIoU vs MSE box loss, over seeds " + ", ".join(map(str, seeds)), ""]
-    lines += DEMO_NOTE if settings["demo"] else []
-    lines += [f"Mean ± sample std (min to max) over {len(seeds)} training seeds; the data is the "
-              f"same for every seed.", ""]
-
-    def cell(v, scale, digits, unit=""):
-        def number(x):
-            return f"{scale * x:.{digits}f}"
-        return f"{number(v['mean'])}{unit} ± {number(v['std'])} ({number(v['min'])} to {number(v['max'])})"
-    coco_lines, coco = coco_markdown({key: {split: agg[key][split]["coco"] for split in SPLITS
-                                            if split in agg[key]} for key, _ in MODELS})
-    rows = {(key, split): (cell(agg[key][split]["accuracy"], 100, 1, "%"), cell(agg[key][split]["mean_iou"], 1, 3))
-            for key, _ in MODELS for split in ("train", "test")}
-    lines += numbers_table(rows, results["baseline"], coco)
-    lines += verdict_lines({key: {m: agg[key]["test"][m]["mean"] for m in ("accuracy", "mean_iou")}
-                            for key, _ in MODELS})
-    lines += comparison_lines(agg["comparison"])
-    lines += ["## Settings that differ from the report's", ""] + differing_settings(settings) + [""]
-    lines += coco_lines
-    lines += ["## Each seed", "",
-              "| seed | model | best epoch | train accuracy | train mean IoU | test accuracy | test mean IoU |",
-              "|---|---|---|---|---|---|---|"]
-    for seed in seeds:
-        for key, name in MODELS:
-            r = results["per_seed"][str(seed)][key]
-            lines.append(f"| {seed} | {name} | {r['best_epoch']} of {r['epochs_trained']} | "
-                         f"{100 * r['train']['accuracy']:.1f}% | {r['train']['mean_iou']:.3f} | "
-                         f"{100 * r['test']['accuracy']:.1f}% | {r['test']['mean_iou']:.3f} |")
-    lines += ["", "Each seed's run, figures and results: "
-              + ", ".join(f"[seed{k}/results.md](seed{k}/results.md)" for k in seeds) + ".", ""]
-    lines += run_lines(settings)
-    return "\n".join(lines) + "\n"
 
 
 def keep_earlier_wall_seconds(settings, path):
@@ -335,28 +326,36 @@ def keep_earlier_wall_seconds(settings, path):
 # ---------------------------------------------------------------------------------
 # Figures from saved predictions
 # ---------------------------------------------------------------------------------
-def figure_title(stem, text):
+def figure_title(file, text):
     """A figure's title, led by its number in the report (none: not in the report)."""
-    number = REPORT_FIGURES.get(stem)
+    number = REPORT_FIGURES.get(file)
     return f"Fig. {number} (report): {text}" if number else f"{text} (not in the report)"
 
 
-def draw_split_figures(run_dir, key, loss_name, split, images, predictions, metrics, best_epoch, seed):
-    """One model's confusion matrix (Figs. 14, 17) and prediction grid (Figs. 15, 16, 18,
-    19) on one split, from its prediction records and saved metrics: the first drawing
-    and --redraw both go through here."""
-    plot_cm(metrics["confusion_matrix"], os.path.join(run_dir, f"{key}_{split}_cm.png"),
-            figure_title(f"{key}_{split}_cm", f"HW5Net, {loss_name} loss, {split} data"),
-            metrics["accuracy"], metrics["mean_iou"])
-    display_preds(images, predictions_from_records(predictions), os.path.join(run_dir, f"{key}_{split}_preds.png"),
-                  figure_title(f"{key}_{split}_preds", f"{loss_name} model on {split} data (best epoch "
-                                                       f"{best_epoch}): ground truth green, prediction red"),
-                  seed=seed)
+def draw_figures(run_dir, results, histories, records, images, data_dir):
+    """Every figure of an experiment, from its results, histories, prediction records
+    (records[key, split]) and DATA's images: the first drawing and --redraw both go here."""
+    seed = results["settings"]["seed"]
 
-
-def draw_curves(run_dir, key, loss_name, history):
-    plot_history(history, os.path.join(run_dir, f"{key}_curves.png"), loss_name,
-                 figure_title(f"{key}_curves", f"training curves of the {loss_name} model"))
+    def path(file):
+        return os.path.join(run_dir, file)
+    for key, loss_name in MODELS:
+        for split in ("train", "test"):
+            metrics, predictions = results[key][split], predictions_from_records(records[key, split])
+            plot_cm(metrics["confusion_matrix"], path(f"{key}_{split}_cm.png"), figure_title(
+                f"{key}_{split}_cm.png", f"HW5Net, {loss_name} loss, {split} data"), metrics["accuracy"],
+                metrics["mean_iou"])
+            display_preds(images[split], predictions, path(f"{key}_{split}_preds.png"), figure_title(
+                f"{key}_{split}_preds.png", f"{loss_name} model on {split} data (best epoch "
+                f"{histories[key]['best_epoch']}): ground truth green, prediction red"), seed=seed)
+        plot_history(histories[key], path(f"{key}_curves.png"), loss_name,
+                     figure_title(f"{key}_curves.png", f"training curves of the {loss_name} model"))
+    for split in ("train", "test"):
+        display_comparison(images[split], *(predictions_from_records(records[key, split]) for key, _ in MODELS),
+                           path(f"ciou_vs_mse_{split}.png"), f"CIoU (red) and MSE (blue) models on the same "
+                           f"{split} images, ground truth green", seed=seed)
+    plot_images(data_dir, path("sample_images.png"))
+    return [path(file) for _, _, files in FIGURES for file in files]
 
 
 def compare_models(ciou_records, mse_records):
@@ -367,13 +366,6 @@ def compare_models(ciou_records, mse_records):
     return {"n_images": len(diff), "mse_better": int((diff > 0).sum()), "ciou_better": int((diff < 0).sum()),
             "equal": int((diff == 0).sum()), "mean_iou_difference": float(diff.mean()),
             "mean_abs_iou_difference": float(diff.abs().mean())}
-
-
-def draw_comparison(run_dir, split, images, ciou_records, mse_records, seed):
-    display_comparison(images, predictions_from_records(ciou_records), predictions_from_records(mse_records),
-                       os.path.join(run_dir, f"ciou_vs_mse_{split}.png"),
-                       f"CIoU (red) and MSE (blue) models on the same {split} images, ground truth green",
-                       seed=seed)
 
 
 def find_data_dir(run_dir, given=None, recorded=None):
@@ -388,40 +380,23 @@ def find_data_dir(run_dir, given=None, recorded=None):
                     f"the dataset the run was trained on")
 
 
-def read_run(run_dir, key, data_dir=None):
-    """(results.json, the model's history, its DATA) of one finished model in run_dir."""
-    if not os.path.isdir(run_dir):
-        raise UserError(f"--out_dir {run_dir}: no such directory (an OUT that hw5_main.py wrote)")
-    results = read_json(os.path.join(run_dir, "results.json"), "the results.json of a finished run")
-    history = RunFiles(os.path.join(run_dir, key)).read_history()
-    return results, history, find_data_dir(run_dir, data_dir, history["settings"]["data_dir"])
-
-
 def read_predictions(run_dir, key, split):
     return read_json(os.path.join(run_dir, key, f"predictions_{split}.json"),
                      "the predictions hw5_main.py writes when it evaluates a model")
 
 
 def redraw(out_dir, data_dir=None):
-    """Every figure of a finished OUT drawn again from OUT and DATA alone: the predictions,
-    results.json, each history.json and DATA's images. No model runs. Returns the paths."""
+    """Every figure of a finished OUT drawn again from OUT and DATA alone: results.json, each
+    history.json, the prediction records and DATA's images. No model runs. Returns the paths."""
+    if not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir {out_dir}: no such directory (an OUT that hw5_main.py wrote)")
     drawn = []
-    for run_dir in run_dirs(out_dir) if os.path.isdir(out_dir) else [out_dir]:
-        records, images = {"train": {}, "test": {}}, {}
-        for key, loss_name in MODELS:
-            results, history, data = read_run(run_dir, key, data_dir)
-            for split in records:
-                records[split][key] = read_predictions(run_dir, key, split)
-                files = [r["file_name"] for r in records[split][key]]
-                images[split] = MyCOCODataset(data, train=split == "train", files=files).images
-                draw_split_figures(run_dir, key, loss_name, split, images[split], records[split][key],
-                                   results[key][split], history["best_epoch"], results["settings"]["seed"])
-                drawn += [os.path.join(run_dir, f"{key}_{split}_{kind}.png") for kind in ("cm", "preds")]
-            draw_curves(run_dir, key, loss_name, history)
-            drawn.append(os.path.join(run_dir, f"{key}_curves.png"))
-        for split, pair in records.items():
-            draw_comparison(run_dir, split, images[split], pair["ciou"], pair["mse"], results["settings"]["seed"])
-            drawn.append(os.path.join(run_dir, f"ciou_vs_mse_{split}.png"))
-        plot_images(data, os.path.join(run_dir, "sample_images.png"))
-        drawn.append(os.path.join(run_dir, "sample_images.png"))
+    for run_dir in run_dirs(out_dir):
+        results = read_json(os.path.join(run_dir, "results.json"), "the results.json of a finished run")
+        histories = {key: RunFiles(os.path.join(run_dir, key)).read_history() for key, _ in MODELS}
+        data = find_data_dir(run_dir, data_dir, histories["ciou"]["settings"]["data_dir"])
+        records = {(key, split): read_predictions(run_dir, key, split) for key, _ in MODELS for split in ("train", "test")}
+        images = {split: MyCOCODataset(data, train=split == "train", files=[r["file_name"] for r in records["ciou", split]])
+                  .images for split in ("train", "test")}
+        drawn += draw_figures(run_dir, results, histories, records, images, data)
     return drawn

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from checkpoints import CheckpointWriter, RunFiles, checkpoint_state
 from cli import HelpFormatter, Sigterm, UserError, command, out_dir_problem
-from Dataset import MyCOCODataset, hold_out
+from Dataset import load_splits
 from devices import (DEVICE_HELP, DeviceBatches, NonFiniteGuard, accumulator_dtype, autocast, autocast_problem,
                      pick_device, release_freed_memory, reuse_freed_memory, set_gpu_options)
 from network import ARCHITECTURE, build_model
@@ -297,17 +297,6 @@ def log_epoch(history, epoch, epochs):
                     epoch, history["skipped_steps"][-1])
 
 
-def load_datasets(args, progress=True):
-    """(train, test, val or None); with --val_fraction a seeded part of the training set is
-    held out for selection (one decode: both parts index its images)."""
-    train_set = MyCOCODataset(args.data_dir, train=True, progress=progress)
-    val_set = None
-    if args.val_fraction:
-        train_files, val_files = hold_out(train_set.files, args.val_fraction)
-        train_set, val_set = train_set.subset(train_files), train_set.subset(val_files)
-    return train_set, MyCOCODataset(args.data_dir, train=False, progress=progress), val_set
-
-
 def add_training_args(p):
     """One training run's options, in groups, shared with hw5_main.py; defaults are the report's."""
     g = p.add_argument_group("model")
@@ -376,7 +365,7 @@ def main(args):
         raise UserError(problem)
     device = pick_device(args.device)
     check_training_args(args, device)
-    train_set, test_set, val_set = load_datasets(args, progress=not args.quiet)
+    train_set, test_set, val_set = load_splits(args.data_dir, args.val_fraction, progress=not args.quiet)
     seed_everything(args.seed)  # the initial weights come from the seed
     _, history = train(build_model(args), train_set, test_set, args.out_dir, args, device, val_set,
                        progress=not args.quiet)

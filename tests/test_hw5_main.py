@@ -117,9 +117,9 @@ MOMENTS = {  # where the signal lands: the log line it comes after
     "the CIoU model's first epoch": ("training HW5Net with CIoU",),
     "the end of the CIoU model's last epoch": ("epoch 2/2", "CIoU"),
     "the CIoU model's evaluation": ("CIoU model: evaluating",),
-    "the CIoU model's figures": ("CIoU model: drawing",),
     "between the models": ("CIoU model (best epoch",),
-    "writing the results": ("comparing the two models",),
+    "the figures and results": ("drawing the figures",),
+    "the end": ("outputs in",),
 }
 
 

@@ -66,10 +66,11 @@ def test_every_setting_that_differs_from_the_reports_is_named():
 
 
 def test_figure_titles_carry_the_reports_numbers():
-    assert results.figure_title("mse_train_preds", "MSE model on train data").startswith("Fig. 16 (report): ")
-    assert results.figure_title("mse_test_cm", "x") == "Fig. 17(b) (report): x"
-    assert results.figure_title("ciou_curves", "x") == "Fig. 20 (report): x"
-    assert results.figure_title("mse_curves", "x") == "x (not in the report)"
+    assert results.figure_title("mse_train_preds.png", "MSE model on train data").startswith("Fig. 16 (report): ")
+    assert results.figure_title("ciou_train_cm.png", "x") == "Fig. 14(a) (report): x"
+    assert results.figure_title("mse_test_cm.png", "x") == "Fig. 17(b) (report): x"
+    assert results.figure_title("ciou_curves.png", "x") == "Fig. 20 (report): x"
+    assert results.figure_title("mse_curves.png", "x") == "x (not in the report)"
 
 
 @pytest.mark.slow

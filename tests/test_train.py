@@ -12,7 +12,7 @@ import cli
 import devices
 import train
 from cli import UserError
-from Dataset import MyCOCODataset
+from Dataset import MyCOCODataset, load_splits
 from network import HW5Net
 from tiny import DEVICE, SMALL, train_args, without_timings
 
@@ -117,7 +117,7 @@ def test_loss_falls_when_overfitting_one_batch():
 def test_val_fraction_holds_out_part_of_the_training_set(tiny_data):
     args = train.get_args_parser().parse_args(
         ["--data_dir", tiny_data, "--out_dir", "unused", "--val_fraction", "0.25", "--augment"])
-    train_set, test_set, val_set = train.load_datasets(args, progress=False)
+    train_set, test_set, val_set = load_splits(args.data_dir, args.val_fraction)
     full = MyCOCODataset(tiny_data, train=True)
     assert not set(train_set.files) & set(val_set.files)
     assert sorted(train_set.files + val_set.files) == full.files
@@ -207,7 +207,7 @@ def test_the_report_rule_selects_the_best_epoch_and_best_model_pt_holds_its_weig
         tiny_data, tmp_path, monkeypatch, val_fraction, best):
     extra = ["--val_fraction", str(val_fraction)] if val_fraction else []
     args = args_for(tiny_data, str(tmp_path / "run"), "--epochs", "5", "--loss", "mse", *SMALL, *extra)
-    train_set, test_set, val_set = train.load_datasets(args, progress=False)
+    train_set, test_set, val_set = load_splits(args.data_dir, args.val_fraction)
     weights = {}  # epoch -> the weights evaluated after it
 
     def canned(split, epoch, **real):
