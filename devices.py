@@ -88,7 +88,8 @@ def install_advice(driver_cuda):
     fitting = [major for major in CUDA_WHEELS if major <= _major(driver_cuda)]
     if not fitting:
         return f"update the NVIDIA driver (torch>=2.4 needs one for CUDA {min(CUDA_WHEELS)} or newer)"
-    return f"install the build for the driver, `{reinstall(*CUDA_WHEELS[max(fitting)])}` (docs/devices.md), or update the driver"
+    return (f"install the build for the driver, `{reinstall(*CUDA_WHEELS[max(fitting)])}` (docs/devices.md), "
+            f"or update the driver")
 
 
 def reinstall(index, packages):

@@ -191,7 +191,8 @@ def cell(value, scale, digits, unit=""):
     def number(x):
         return f"{scale * x:.{digits}f}"
     if isinstance(value, dict):
-        return f"{number(value['mean'])}{unit} ± {number(value['std'])} ({number(value['min'])} to {number(value['max'])})"
+        return (f"{number(value['mean'])}{unit} ± {number(value['std'])} ({number(value['min'])} to "
+                f"{number(value['max'])})")
     return f"{number(value)}{unit}"
 
 
@@ -202,8 +203,8 @@ def results_markdown(results):
     numbers = results["aggregate"] if seeds else results  # over seeds, the spread of each number
     coco_lines, coco = coco_markdown({key: {split: numbers[key][split]["coco"] for split in SPLITS
                                             if split in numbers[key]} for key, _ in MODELS})
-    rows = {(key, split): (cell(numbers[key][split]["accuracy"], 100, 1, "%"), cell(numbers[key][split]["mean_iou"], 1, 3))
-            for key, _ in MODELS for split in ("train", "test")}
+    rows = {(key, split): (cell(n["accuracy"], 100, 1, "%"), cell(n["mean_iou"], 1, 3))
+            for key, _ in MODELS for split in ("train", "test") for n in [numbers[key][split]]}
     lines = ["# HW5Net: CIoU vs MSE box loss" + (", over seeds " + ", ".join(map(str, seeds)) if seeds else ""), ""]
     lines += DEMO_NOTE if settings["demo"] else []
     lines += ([f"Mean ± sample std (min to max) over {len(seeds)} training seeds; the data is the same for every "
@@ -395,8 +396,10 @@ def redraw(out_dir, data_dir=None):
         results = read_json(os.path.join(run_dir, "results.json"), "the results.json of a finished run")
         histories = {key: RunFiles(os.path.join(run_dir, key)).read_history() for key, _ in MODELS}
         data = find_data_dir(run_dir, data_dir, histories["ciou"]["settings"]["data_dir"])
-        records = {(key, split): read_predictions(run_dir, key, split) for key, _ in MODELS for split in ("train", "test")}
-        images = {split: MyCOCODataset(data, train=split == "train", files=[r["file_name"] for r in records["ciou", split]])
-                  .images for split in ("train", "test")}
+        records = {(key, split): read_predictions(run_dir, key, split)
+                   for key, _ in MODELS for split in ("train", "test")}
+        images = {split: MyCOCODataset(data, train=split == "train",
+                                       files=[r["file_name"] for r in records["ciou", split]]).images
+                  for split in ("train", "test")}
         drawn += draw_figures(run_dir, results, histories, records, images, data)
     return drawn

@@ -104,7 +104,7 @@ TAMPERING = {
                           "more than one record"),
     "a record of another split": (add_another_splits_record, "are not in DATA's split"),
     "a predicted class changed": (change_predicted_class, "predicted as another class when evaluated again"),
-    "a wrong class made right, its probabilities a near tie": (fake_a_near_tie, "when evaluated again"),
+    "a wrong class made right, its probabilities a near tie": (fake_a_near_tie, "whose class probabilities move"),
     "a recorded IoU changed": (change_an_iou, "whose recorded IoU is not its boxes'"),
     "a predicted box moved by 2 px": (move_predicted_box, "whose box moves by more than"),
 }
@@ -146,7 +146,7 @@ def test_numbers_detections_epochs_and_missing_models_are_checked(tiny_out, tmp_
 
     out = linked_copy(tiny_out, tmp_path / "detections")
     edit(os.path.join(out, "mse", "coco_results_train.json"), lambda d: d[0].update(score=0.123))
-    assert any("MSE train: coco_results_train.json does not match the predictions" in p for p in problems_of(out))
+    assert any("MSE train: coco_results_train.json is not what the predictions give" in p for p in problems_of(out))
 
     out = linked_copy(tiny_out, tmp_path / "epoch")  # another epoch named the best, in both files
     history = read_json(os.path.join(out, "ciou", "history.json"), "history")
