@@ -338,7 +338,7 @@ def plot_images(data_dir, out_path, per_class=5, seed=0, split="train_data"):
             draw_box(img, (x, y, x + w, y + h), (0, 255, 0), name)
             ax.imshow(img)
             ax.set_title(f"{name} {col + 1}", fontsize=10)
-    fig.suptitle("Sample images from each class", fontsize=13)
+    fig.suptitle("Fig. 2 (report): sample images from each class", fontsize=13)
     fig.tight_layout()
     save_figure(fig, out_path)
 

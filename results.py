@@ -353,8 +353,8 @@ def draw_figures(run_dir, results, histories, records, images, data_dir):
                      figure_title(f"{key}_curves.png", f"training curves of the {loss_name} model"))
     for split in ("train", "test"):
         display_comparison(images[split], *(predictions_from_records(records[key, split]) for key, _ in MODELS),
-                           path(f"ciou_vs_mse_{split}.png"), f"CIoU (red) and MSE (blue) models on the same "
-                           f"{split} images, ground truth green", seed=seed)
+                           path(f"ciou_vs_mse_{split}.png"), figure_title(f"ciou_vs_mse_{split}.png", f"CIoU (red) "
+                           f"and MSE (blue) models on the same {split} images, ground truth green"), seed=seed)
     plot_images(data_dir, path("sample_images.png"))
     return [path(file) for _, _, files in FIGURES for file in files]
 
